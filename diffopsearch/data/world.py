@@ -166,6 +166,8 @@ def _exist(rng, scene):
 
 def _relation(rng, scene):
     objs = list(scene.objects)
+    if len(objs) < 2:
+        return None
     for _ in range(30):
         a, b = rng.sample(objs, 2)
         rel = rng.choice(RELATIONS)

@@ -1,0 +1,264 @@
+"""Training recipe of the shipped toy backbone (scripts/train_toy.py runs it).
+
+Why it looks like this (DESIGN section 6: a small LLaVA trained from scratch on 2 cores tends to
+sit at the answer prior, because binding question words to image regions is hard):
+
+* one object per patch, so each object is one meaningful visual token;
+* a dense *alignment* loss: every projected visual token is classified against the decoder's own
+  word embeddings of its colour / shape / size (``<unk>`` for an empty cell) and, through small
+  throw-away heads, its row and column. Visual tokens then "speak the words" the question uses,
+  so matching a question word to image regions is a plain attention lookup;
+* a global loss on the vision tower's CLS token (which colour-shape pairs the scene contains), so
+  CLS attention is meaningful, as in CLIP (the PruMerge / VisionZip baselines rely on it);
+* a curriculum from few objects to the full scenes, and the answer-token loss only.
+
+Scenes are drawn fresh from the world's ``train`` stream at every step (never from the
+validation / test images); the data, the initialisation and the order are functions of the seed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import world
+from ..data.prompts import POST_PROMPT
+from ..io import atomic_save_safetensors, atomic_write_json
+from . import toy
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1.5e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    align_weight: float = 1.0
+    curriculum_steps: int = 600  # max objects grows from 3 to 8 over these steps
+    suffix_weight: float = 0.0  # weight of the answer loss at every position of the prompt's suffix
+    suffix_start: int = 0  # step from which that loss is on
+    eval_every: int = 200
+    eval_images: int = 200
+    checkpoint_every: int = 100
+    seed: int = 0
+    threads: int = 2
+
+
+ATTRS = ("color", "shape", "size")
+
+
+def _attr_words(tokenizer):
+    """Token ids of the words each visual token is aligned with (last entry: <unk> = empty cell)."""
+    words = {"color": list(world.COLORS), "shape": list(world.SHAPES), "size": list(world.SIZES)}
+    return {k: torch.tensor(tokenizer.convert_tokens_to_ids(v + ["<unk>"])) for k, v in words.items()}
+
+
+def pixels(images: list) -> torch.Tensor:
+    """CLIP normalisation of 192 px images; identical to the shipped CLIPImageProcessor's output
+    (tests check it) but without its per-image overhead."""
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(toy.CLIP_MEAN)[:, None, None]
+    std = torch.tensor(toy.CLIP_STD)[:, None, None]
+    return (x - mean) / std
+
+
+def patch_labels(scenes) -> dict:
+    """Per-cell targets: attribute indices (last index = empty) and a scene-level pair bag for CLS."""
+    n = world.GRID * world.GRID
+    lists = {k: list(world.COLORS) if k == "color" else list(world.SHAPES) if k == "shape" else list(world.SIZES)
+             for k in ATTRS}
+    out = {k: torch.full((len(scenes), n), len(lists[k]), dtype=torch.long) for k in ATTRS}
+    pairs = torch.zeros(len(scenes), len(world.COLORS) * len(world.SHAPES))
+    for b, s in enumerate(scenes):
+        for o in s.objects:
+            cell = o.row * world.GRID + o.col
+            for k in ATTRS:
+                out[k][b, cell] = lists[k].index(getattr(o, k))
+            pairs[b, lists["color"].index(o.color) * len(world.SHAPES) + lists["shape"].index(o.shape)] = 1
+    out["pairs"] = pairs
+    return out
+
+
+def make_batch(tokenizer, rng: random.Random, batch_size: int, max_objects: int, families=world.FAMILIES):
+    scenes, prompts, answers, fams = [], [], [], []
+    n_img = 0
+    while len(scenes) < batch_size:
+        scene = world.make_scene(rng, f"train-stream-{n_img}", max(1, max_objects - 5), max_objects)
+        n_img += 1
+        family = rng.choice(families)
+        got = world.question(rng, scene, family)
+        if got is None:
+            continue
+        q, a, _ = got
+        scenes.append(scene)
+        prompts.append(f"USER: {'<image>' * world.GRID ** 2}\n{q}{POST_PROMPT} ASSISTANT:")
+        answers.append(a)
+        fams.append(family)
+    enc = tokenizer([p + " " + a for p, a in zip(prompts, answers)], return_tensors="pt", padding=True)
+    # the answer token is the second last (then </s>); loss on both, so generation stops after it
+    ids = enc["input_ids"]
+    eos = torch.full((ids.shape[0], 1), tokenizer.eos_token_id)
+    ids = torch.cat([ids, eos], 1)
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(eos)], 1)
+    return scenes, ids, mask, fams
+
+
+def features(model, pixel_values):
+    """Projected visual tokens (B, 144, d) and the CLS state at LLaVA's feature layer."""
+    cfg = model.config
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    h = out.hidden_states[cfg.vision_feature_layer]
+    return model.model.multi_modal_projector(h[:, 1:]), h[:, 0]
+
+
+SUFFIX = 13  # "? answer the question using a single word or phrase . assistant :" in the toy tokenizer
+
+
+def forward_losses(model, heads, words, ids, mask, pixel_values, labels, suffix_weight: float = 0.0):
+    feats, cls = features(model, pixel_values)
+    emb_layer = model.get_input_embeddings()
+    emb = emb_layer(ids)
+    img = ids == model.config.image_token_index
+    emb = emb.masked_scatter(img[..., None], feats.to(emb.dtype))
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
+    # the last two positions predict the answer token and </s>
+    logits = model.lm_head(hidden[:, -3:-1])
+    qa = F.cross_entropy(logits.flatten(0, 1), ids[:, -2:].flatten())
+    answer_pred = logits[:, 0].argmax(-1) == ids[:, -2]
+    if suffix_weight:
+        # deep supervision along the prompt suffix: every position from the question mark on also
+        # predicts the answer, so the credit path from answer to question words is a few tokens long
+        early = model.lm_head(hidden[:, -2 - SUFFIX:-3])
+        target = ids[:, -2:-1].expand(-1, early.shape[1])
+        qa = qa + suffix_weight * F.cross_entropy(early.flatten(0, 1), target.flatten())
+    # alignment: visual tokens classified against the decoder's word embeddings
+    align = 0.0
+    for k in ATTRS:
+        table = emb_layer.weight[words[k]]  # (C, d)
+        align = align + F.cross_entropy((feats @ table.T).flatten(0, 1), labels[k].flatten())
+    rows = torch.arange(world.GRID).repeat_interleave(world.GRID).expand(feats.shape[0], -1)
+    cols = torch.arange(world.GRID).repeat(world.GRID).expand(feats.shape[0], -1)
+    align = align + F.cross_entropy(heads["row"](feats).flatten(0, 1), rows.flatten())
+    align = align + F.cross_entropy(heads["col"](feats).flatten(0, 1), cols.flatten())
+    align = align + F.binary_cross_entropy_with_logits(heads["cls"](cls), labels["pairs"])
+    return qa, align, answer_pred
+
+
+@torch.no_grad()
+def evaluate_first_token(model, tokenizer, scenes_rows, batch_size: int = 64) -> dict:
+    """Accuracy of the greedy first answer token on (scene, question row) pairs, per family.
+    The toy world's answers are single words, so this equals greedy generation's exact match."""
+    model.eval()
+    correct: dict[str, list[int]] = {}
+    for i in range(0, len(scenes_rows), batch_size):
+        chunk = scenes_rows[i:i + batch_size]
+        prompts = [f"USER: {'<image>' * world.GRID ** 2}\n{r['question']}{POST_PROMPT} ASSISTANT:" for _, r in chunk]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        pv = pixels([world.render(s) for s, _ in chunk])
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pv,
+                       logits_to_keep=1).logits[:, -1]
+        pred = tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+        for (_, r), p in zip(chunk, pred):
+            correct.setdefault(r["family"], []).append(int(p == r["answer"]))
+    model.train()
+    per = {f: sum(v) / len(v) for f, v in sorted(correct.items())}
+    total = sum(sum(v) for v in correct.values()) / sum(len(v) for v in correct.values())
+    return {"accuracy": total, "per_family": per}
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
+    """Train the toy backbone into ``out_dir`` (a from_pretrained directory), resuming from
+    ``out_dir/checkpoint`` if an earlier run was interrupted. Returns the final evaluation."""
+    torch.set_num_threads(cfg.threads)
+    out_dir = Path(out_dir)
+    ck_dir = out_dir / "checkpoint"
+    processor = toy.build_processor()
+    tokenizer = processor.tokenizer
+    model = toy.build_model(seed=cfg.seed).train()
+    d = model.config.text_config.hidden_size
+    torch.manual_seed(cfg.seed)
+    heads = torch.nn.ModuleDict({"row": torch.nn.Linear(d, world.GRID), "col": torch.nn.Linear(d, world.GRID),
+                                 "cls": torch.nn.Linear(model.config.vision_config.hidden_size,
+                                                        len(world.COLORS) * len(world.SHAPES))})
+    params = [p for p in list(model.parameters()) + list(heads.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    words = _attr_words(tokenizer)
+    step = 0
+    if (ck_dir / "state.json").exists():
+        from safetensors.torch import load_file
+
+        state = json.loads((ck_dir / "state.json").read_text())
+        model.load_state_dict(load_file(ck_dir / "model.safetensors"), strict=False)
+        heads.load_state_dict(load_file(ck_dir / "heads.safetensors"))
+        opt_tensors = load_file(ck_dir / "optim.safetensors")
+        osd = opt.state_dict()
+        for i in range(len(params)):
+            if f"{i}.exp_avg" in opt_tensors:
+                osd["state"][i] = {"step": opt_tensors[f"{i}.step"], "exp_avg": opt_tensors[f"{i}.exp_avg"],
+                                   "exp_avg_sq": opt_tensors[f"{i}.exp_avg_sq"]}
+        opt.load_state_dict(osd)
+        step = state["step"]
+        log(f"resumed at step {step}")
+    # evaluation set: validation images of the world (never the test split)
+    val_scenes, val_rows = world.generate_split("validation", cfg.eval_images, seed=cfg.seed)
+    by_id = {s.image_id: s for s in val_scenes}
+    val = [(by_id[r["imageId"]], r) for r in val_rows]
+    log_path = out_dir / "train_log.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    while step < cfg.steps:
+        rng = random.Random(f"train/{cfg.seed}/{step}")  # the batch is a function of (seed, step): resumable
+        max_obj = min(8, 3 + int(5 * step / max(1, cfg.curriculum_steps)))
+        scenes, ids, mask, fams = make_batch(tokenizer, rng, cfg.batch_size, max_obj)
+        labels = patch_labels(scenes)
+        pv = pixels([world.render(s) for s in scenes])
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg, step)
+        qa, align, ok = forward_losses(model, heads, words, ids, mask, pv, labels, cfg.suffix_weight if step >= cfg.suffix_start else 0.0)
+        loss = qa + cfg.align_weight * align
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        rec = {"step": step, "loss": loss.item(), "qa": qa.item(), "align": float(align), "train_acc": ok.float().mean().item(),
+               "max_objects": max_obj, "lr": _lr(cfg, step - 1), "elapsed_s": round(time.time() - t0, 1)}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            rec["val"] = evaluate_first_token(model, tokenizer, val)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if step % 20 == 0 or "val" in rec:
+            log(json.dumps(rec))
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            ck_dir.mkdir(parents=True, exist_ok=True)
+            atomic_save_safetensors(ck_dir / "model.safetensors", model.state_dict())
+            atomic_save_safetensors(ck_dir / "heads.safetensors", heads.state_dict())
+            ot = {}
+            for i, st in opt.state_dict()["state"].items():
+                for k, v in st.items():
+                    ot[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+            atomic_save_safetensors(ck_dir / "optim.safetensors", ot)
+            atomic_write_json(ck_dir / "state.json", {"step": step, "config": asdict(cfg)})
+    final = evaluate_first_token(model, tokenizer, val)
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    atomic_write_json(out_dir / "training.json", {"config": asdict(cfg), "steps": step, "validation": final})
+    return final

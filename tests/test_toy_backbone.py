@@ -1,0 +1,70 @@
+"""The toy backbone: real LLaVA classes, processor, save/load round trip, the shipped weights."""
+import json
+import random
+
+import pytest
+import torch
+
+from diffopsearch.backbone import toy
+from diffopsearch.backbone.train import pixels
+from diffopsearch.data import world
+from diffopsearch.data.prompts import format_prompt
+
+TINY = dict(vision={"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64},
+            text={"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_key_value_heads": 2})
+
+
+def _image(seed=0):
+    return world.render(world.make_scene(random.Random(seed), "x"))
+
+
+def test_processor_expands_image_to_144_tokens_in_llava_template():
+    proc = toy.build_processor()
+    text = format_prompt("How many circles are there?", proc)
+    assert text == ("USER: <image>\nHow many circles are there?\n"
+                    "Answer the question using a single word or phrase. ASSISTANT:")
+    enc = proc(images=[_image()], text=[text], return_tensors="pt")
+    assert (enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<image>")).sum() == 144
+    assert enc["pixel_values"].shape == (1, 3, 192, 192)
+    # the training loop's fast pixel path is the processor's transform
+    assert torch.allclose(pixels([_image()]), enc["pixel_values"], atol=1e-6)
+
+
+def test_round_trip_save_pretrained(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model, proc = toy.build_model(seed=1, **TINY), toy.build_processor()
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    back = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    proc2 = AutoProcessor.from_pretrained(tmp_path)
+    enc = proc2(images=[_image(), _image(1)], text=[format_prompt("Is there a red square?", proc2)] * 2,
+                return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, back(**enc).logits)
+    assert type(back.model.language_model).__name__ == "LlamaModel"
+    assert type(back.model.vision_tower).__name__ == "CLIPVisionModel"
+
+
+def test_shipped_backbone_is_complete_and_small():
+    assert (toy.ASSET_DIR / "model.safetensors").exists(), "the trained toy backbone must ship in the package"
+    size = sum(p.stat().st_size for p in toy.ASSET_DIR.rglob("*") if p.is_file())
+    assert size < 10 * 2 ** 20
+    rec = json.loads((toy.ASSET_DIR / "training.json").read_text())
+    assert rec["seed"] == 0 and rec["test"]["accuracy"] >= 0.85
+
+
+def test_shipped_backbone_quality_on_the_test_split(monkeypatch):
+    """Unreduced accuracy on (the first 150 images of) the test split: >= 85% overall, >= 60% per family."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from diffopsearch.backbone.train import evaluate_first_token
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = LlavaForConditionalGeneration.from_pretrained(toy.ASSET_DIR).eval()
+    tok = AutoProcessor.from_pretrained(toy.ASSET_DIR).tokenizer
+    scenes, rows = world.generate_split("test", 150, seed=0)
+    by_id = {s.image_id: s for s in scenes}
+    res = evaluate_first_token(model, tok, [(by_id[r["imageId"]], r) for r in rows])
+    assert res["accuracy"] >= 0.85, res
+    assert min(res["per_family"].values()) >= 0.60, res

@@ -43,7 +43,13 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     align_weight: float = 1.0
-    curriculum_steps: int = 600  # max objects grows from 3 to 8 over these steps
+    curriculum_steps: int = 600  # linear curriculum: max objects grows from 3 to 8 over these steps
+    adaptive_from: int = -1  # from this step on (>= 0), max objects instead grows by one (from 2)
+    adaptive_threshold: float = 0.8  # whenever the last 40 steps' train accuracy reaches this
+    full_from: int = -1  # from this step on (>= 0), full scenes (3-8 objects, the eval distribution)
+    ground_weight: float = 0.0  # attention grounding loss (see grounding_loss)
+    ground_layer: int = 3
+    ground_start: int = 0  # step from which the grounding loss is on
     suffix_weight: float = 0.0  # weight of the answer loss at every position of the prompt's suffix
     suffix_start: int = 0  # step from which that loss is on
     eval_every: int = 200
@@ -89,7 +95,7 @@ def patch_labels(scenes) -> dict:
 
 
 def make_batch(tokenizer, rng: random.Random, batch_size: int, max_objects: int, families=world.FAMILIES):
-    scenes, prompts, answers, fams = [], [], [], []
+    scenes, prompts, answers, fams, grounds = [], [], [], [], []
     n_img = 0
     while len(scenes) < batch_size:
         scene = world.make_scene(rng, f"train-stream-{n_img}", max(1, max_objects - 5), max_objects)
@@ -98,7 +104,8 @@ def make_batch(tokenizer, rng: random.Random, batch_size: int, max_objects: int,
         got = world.question(rng, scene, family)
         if got is None:
             continue
-        q, a, _ = got
+        q, a, _, ground = got
+        grounds.append(ground)
         scenes.append(scene)
         prompts.append(f"USER: {'<image>' * world.GRID ** 2}\n{q}{POST_PROMPT} ASSISTANT:")
         answers.append(a)
@@ -109,7 +116,7 @@ def make_batch(tokenizer, rng: random.Random, batch_size: int, max_objects: int,
     eos = torch.full((ids.shape[0], 1), tokenizer.eos_token_id)
     ids = torch.cat([ids, eos], 1)
     mask = torch.cat([enc["attention_mask"], torch.ones_like(eos)], 1)
-    return scenes, ids, mask, fams
+    return scenes, ids, mask, fams, grounds
 
 
 def features(model, pixel_values):
@@ -123,7 +130,50 @@ def features(model, pixel_values):
 SUFFIX = 13  # "? answer the question using a single word or phrase . assistant :" in the toy tokenizer
 
 
-def forward_losses(model, heads, words, ids, mask, pixel_values, labels, suffix_weight: float = 0.0):
+class _QK:
+    """Captures one decoder layer's q and k projections during the forward."""
+
+    def __init__(self, attn):
+        self.out = {}
+        self.handles = [attn.q_proj.register_forward_hook(lambda m, i, o: self.out.__setitem__("q", o)),
+                        attn.k_proj.register_forward_hook(lambda m, i, o: self.out.__setitem__("k", o))]
+
+
+def grounding_loss(model, qk, scenes, grounds, ids, mask, pos):
+    """Attention supervision: at every suffix position, head 0 (head 1) of the grounding layer
+    should attend uniformly to the image tokens of the objects the question's first (second) noun
+    phrase refers to, plus the BOS token as a sink (so the share left on the sink encodes the count,
+    and an empty match rests on the sink). It teaches the lookup that small models fail to find by
+    themselves; the heads stay ordinary Llama heads."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cfg = model.config.text_config
+    B, T = ids.shape
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    q = qk.out["q"].view(B, T, -1, hd).transpose(1, 2)[:, :2]
+    k = qk.out["k"].view(B, T, -1, hd).transpose(1, 2)[:, :2]  # toy: no GQA, head h uses key head h
+    cos, sin = model.model.language_model.rotary_emb(q, pos)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    qs = q[:, :, T - 2 - SUFFIX:T - 2]  # "?" ... ":" (B, 2, S, hd)
+    logits = qs @ k.transpose(-1, -2) / hd ** 0.5  # (B, 2, S, T)
+    qpos = torch.arange(T - 2 - SUFFIX, T - 2)
+    allowed = (torch.arange(T)[None, :] <= qpos[:, None])[None, None] & mask.bool()[:, None, None, :]
+    logp = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+    target = torch.zeros(B, 2, T)
+    img = ids == model.config.image_token_index
+    first_img = img.float().argmax(-1)
+    bos = mask.float().argmax(-1)
+    for b, (scene, ground) in enumerate(zip(scenes, grounds)):
+        for h in range(2):
+            cells = [scene.objects[i].row * world.GRID + scene.objects[i].col for i in ground[h]]
+            target[b, h, bos[b]] = 1.0
+            target[b, h, first_img[b] + torch.tensor(cells, dtype=torch.long)] = 1.0
+    target = target / target.sum(-1, keepdim=True)
+    return -(target[:, :, None] * logp.clamp(min=-1e4)).sum(-1).mean()
+
+
+def forward_losses(model, heads, words, ids, mask, pixel_values, labels, suffix_weight: float = 0.0,
+                   ground=None):
     feats, cls = features(model, pixel_values)
     emb_layer = model.get_input_embeddings()
     emb = emb_layer(ids)
@@ -131,6 +181,7 @@ def forward_losses(model, heads, words, ids, mask, pixel_values, labels, suffix_
     emb = emb.masked_scatter(img[..., None], feats.to(emb.dtype))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
+    ground_loss = grounding_loss(model, *ground, ids, mask, pos) if ground is not None else torch.zeros(())
     # the last two positions predict the answer token and </s>
     logits = model.lm_head(hidden[:, -3:-1])
     qa = F.cross_entropy(logits.flatten(0, 1), ids[:, -2:].flatten())
@@ -151,7 +202,7 @@ def forward_losses(model, heads, words, ids, mask, pixel_values, labels, suffix_
     align = align + F.cross_entropy(heads["row"](feats).flatten(0, 1), rows.flatten())
     align = align + F.cross_entropy(heads["col"](feats).flatten(0, 1), cols.flatten())
     align = align + F.binary_cross_entropy_with_logits(heads["cls"](cls), labels["pairs"])
-    return qa, align, answer_pred
+    return qa, align, answer_pred, ground_loss
 
 
 @torch.no_grad()
@@ -200,7 +251,7 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
     params = [p for p in list(model.parameters()) + list(heads.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     words = _attr_words(tokenizer)
-    step = 0
+    step, level, window = 0, 2, []
     if (ck_dir / "state.json").exists():
         from safetensors.torch import load_file
 
@@ -214,31 +265,44 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
                 osd["state"][i] = {"step": opt_tensors[f"{i}.step"], "exp_avg": opt_tensors[f"{i}.exp_avg"],
                                    "exp_avg_sq": opt_tensors[f"{i}.exp_avg_sq"]}
         opt.load_state_dict(osd)
-        step = state["step"]
+        step, level, window = state["step"], state.get("level", 2), state.get("window", [])
         log(f"resumed at step {step}")
     # evaluation set: validation images of the world (never the test split)
     val_scenes, val_rows = world.generate_split("validation", cfg.eval_images, seed=cfg.seed)
     by_id = {s.image_id: s for s in val_scenes}
     val = [(by_id[r["imageId"]], r) for r in val_rows]
+    qk = _QK(model.model.language_model.layers[cfg.ground_layer].self_attn)
     log_path = out_dir / "train_log.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     while step < cfg.steps:
         rng = random.Random(f"train/{cfg.seed}/{step}")  # the batch is a function of (seed, step): resumable
-        max_obj = min(8, 3 + int(5 * step / max(1, cfg.curriculum_steps)))
-        scenes, ids, mask, fams = make_batch(tokenizer, rng, cfg.batch_size, max_obj)
+        if 0 <= cfg.full_from <= step:
+            max_obj = 8
+        elif 0 <= cfg.adaptive_from <= step:
+            # adaptive curriculum: more objects only once the current scenes are mastered, since
+            # binding words to regions is learnt on small scenes and only then transfers to crowds
+            if len(window) >= 40 and sum(window[-40:]) / 40 >= cfg.adaptive_threshold and level < 8:
+                level, window = level + 1, []
+            max_obj = level
+        else:
+            max_obj = min(8, 3 + int(5 * step / max(1, cfg.curriculum_steps)))
+        scenes, ids, mask, fams, grounds = make_batch(tokenizer, rng, cfg.batch_size, max_obj)
         labels = patch_labels(scenes)
         pv = pixels([world.render(s) for s in scenes])
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step)
-        qa, align, ok = forward_losses(model, heads, words, ids, mask, pv, labels, cfg.suffix_weight if step >= cfg.suffix_start else 0.0)
-        loss = qa + cfg.align_weight * align
+        qa, align, ok, gl = forward_losses(model, heads, words, ids, mask, pv, labels,
+                                           cfg.suffix_weight if step >= cfg.suffix_start else 0.0,
+                                           (qk, scenes, grounds) if cfg.ground_weight and step >= cfg.ground_start else None)
+        loss = qa + cfg.align_weight * align + cfg.ground_weight * gl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        rec = {"step": step, "loss": loss.item(), "qa": qa.item(), "align": float(align), "train_acc": ok.float().mean().item(),
+        window = (window + [ok.float().mean().item()])[-40:]
+        rec = {"step": step, "loss": loss.item(), "qa": qa.item(), "align": float(align), "ground": float(gl), "train_acc": ok.float().mean().item(),
                "max_objects": max_obj, "lr": _lr(cfg, step - 1), "elapsed_s": round(time.time() - t0, 1)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             rec["val"] = evaluate_first_token(model, tokenizer, val)
@@ -255,7 +319,8 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
                 for k, v in st.items():
                     ot[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
             atomic_save_safetensors(ck_dir / "optim.safetensors", ot)
-            atomic_write_json(ck_dir / "state.json", {"step": step, "config": asdict(cfg)})
+            atomic_write_json(ck_dir / "state.json", {"step": step, "level": level, "window": window,
+                                                      "config": asdict(cfg)})
     final = evaluate_first_token(model, tokenizer, val)
     model.eval()
     model.save_pretrained(out_dir)

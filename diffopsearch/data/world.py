@@ -93,6 +93,10 @@ def _matches(o: Obj, desc: dict) -> bool:
     return all(getattr(o, k) == v for k, v in desc.items())
 
 
+def _where(scene: Scene, desc: dict) -> tuple[int, ...]:
+    return tuple(i for i, o in enumerate(scene.objects) if _matches(o, desc))
+
+
 def _phrase(desc: dict, plural: bool = False) -> str:
     """Noun phrase for a description, e.g. {'size': 'large', 'color': 'red'} -> 'large red object'."""
     words = [desc[k] for k in ("size", "color") if k in desc]
@@ -132,7 +136,8 @@ def _attribute(rng, scene):
         q = {"color": f"What color is the {_phrase(d)}?",
              "shape": f"What shape is the {_phrase(d)}?",
              "size": f"What size is the {_phrase(d)}?"}[asked]
-        return q, getattr(obj, asked), f"attribute-{asked}"
+        i = scene.objects.index(obj)
+        return q, getattr(obj, asked), f"attribute-{asked}", ((i,), (i,))
     return None
 
 
@@ -153,15 +158,15 @@ def _random_desc(rng, scene, present: bool | None = None) -> dict:
 
 def _count(rng, scene):
     d = _random_desc(rng, scene, present=rng.random() < 0.8)
-    n = sum(_matches(o, d) for o in scene.objects)
-    return f"How many {_phrase(d, plural=True)} are there?", str(n), "count"
+    hits = _where(scene, d)
+    return f"How many {_phrase(d, plural=True)} are there?", str(len(hits)), "count", (hits, hits)
 
 
 def _exist(rng, scene):
     want = rng.random() < 0.5
     d = _random_desc(rng, scene, present=want)
-    ans = any(_matches(o, d) for o in scene.objects)
-    return f"Is there a {_phrase(d)}?", "yes" if ans else "no", "exist"
+    hits = _where(scene, d)
+    return f"Is there a {_phrase(d)}?", "yes" if hits else "no", "exist", (hits, hits)
 
 
 def _relation(rng, scene):
@@ -179,7 +184,9 @@ def _relation(rng, scene):
             continue
         truth = {"left of": a.col < b.col, "right of": a.col > b.col,
                  "above": a.row < b.row, "below": a.row > b.row}[rel]
-        return f"Is the {_phrase(da)} {rel} the {_phrase(db)}?", "yes" if truth else "no", "relation"
+        ia, ib = objs.index(a), objs.index(b)
+        return (f"Is the {_phrase(da)} {rel} the {_phrase(db)}?", "yes" if truth else "no", "relation",
+                ((ia,), (ib,)))
     return None
 
 
@@ -194,7 +201,8 @@ def _compare(rng, scene):
             continue
         px = _phrase({kind: x}, plural=True)
         py = _phrase({kind: y}, plural=True)
-        return f"Are there more {px} than {py}?", "yes" if nx > ny else "no", "compare"
+        gx, gy = _where(scene, {kind: x}), _where(scene, {kind: y})
+        return f"Are there more {px} than {py}?", "yes" if nx > ny else "no", "compare", (gx, gy)
     return None
 
 
@@ -203,8 +211,9 @@ _FAMILY_FN = {"attribute": _attribute, "count": _count, "exist": _exist,
 
 
 def question(rng: random.Random, scene: Scene, family: str):
-    """One (question, answer, detailed_type) of ``family`` about ``scene``, or None if the scene
-    cannot support it (e.g. no uniquely described object)."""
+    """One ``(question, answer, detailed_type, grounding)`` of ``family`` about ``scene``, or None
+    if the scene cannot support it (e.g. no uniquely described object). ``grounding`` holds the
+    indices of the objects each of the question's (one or two) noun phrases refers to."""
     return _FAMILY_FN[family](rng, scene)
 
 
@@ -225,7 +234,7 @@ def generate_split(split: str, n_images: int, seed: int = 0, min_objects: int = 
             got = question(rng, scene, family)
             if got is None:
                 continue
-            q, a, detailed = got
+            q, a, detailed, _ = got
             rows.append({
                 "id": f"{scene.image_id}-{family}",
                 "imageId": scene.image_id,

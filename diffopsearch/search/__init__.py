@@ -1,0 +1,226 @@
+"""`diffopsearch search`: the differentiable operator search (DESIGN section 3).
+
+- :mod:`.state`: the architecture state (keep-ladder and operator distributions, free knobs);
+- :mod:`.relax`: soft sites for ``patch.llava.soft_forward`` and the expected cost;
+- :mod:`.loop`: the training loop (progress, JSONL log, checkpoints, resume, data parallel);
+- :mod:`.discretize`: the hard plan, repaired until ``cost <= budget``.
+
+:func:`run` is the command: search on the search split, discretize, write ``plan.json`` in the run
+directory, evaluate it on the evaluation split (``results.json``) and, with
+``search.eval_baselines=true``, every baseline at the same budget (one table).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+
+__all__ = ["run", "make_space", "search_plan"]
+
+PLAN_NAME = "plan.json"
+BASELINES_DIR = "baselines"
+
+
+def _get(cfg, key, default=None):
+    try:
+        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    except Exception:
+        return default
+    return default if value is None else value
+
+
+def make_space(model_config, search_cfg):
+    """The search space for a backbone config (a LlavaConfig or a model) and ``cfg.search``
+    (candidate layers, ladder, operator)."""
+    model_config = getattr(model_config, "config", model_config)
+    from ..evaluate import visual_token_count
+    from .state import SearchSpace
+
+    n_layers = int(model_config.text_config.num_hidden_layers)
+    layers = _get(search_cfg, "candidate_layers")
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise UserError(f"search.candidate_layers={layers!r} is not valid for this backbone: it has {n_layers} "
+                        f"decoder layers, so candidate layers lie in 0..{n_layers - 1} (bad: {bad}).")
+    ladder = sorted({float(x) for x in _get(search_cfg, "ladder", [1.0])}, reverse=True)
+    if not ladder or ladder[0] != 1.0 or ladder[-1] <= 0:
+        raise UserError(f"search.ladder={ladder!r} is not valid: distinct keep fractions in (0, 1] including 1.0.")
+    n_visual, grid = visual_token_count(model_config)
+    return SearchSpace(layers=tuple(sorted(set(layers))), ladder=tuple(ladder),
+                       operator=str(_get(search_cfg, "operator", "continuous")), n_visual=int(n_visual),
+                       grid=tuple(grid), num_layers=n_layers, scores=available_scores(model_config))
+
+
+def available_scores(model_config) -> tuple[str, ...]:
+    """attn and norm always; cls when the LLaVA feature layer is the output of a CLIP layer (the
+    CLS attention is read from that layer, as the reduced forward does)."""
+    vfl = getattr(model_config, "vision_feature_layer", -2)
+    idx = max(vfl) if isinstance(vfl, (list, tuple)) else int(vfl)
+    n = int(model_config.vision_config.num_hidden_layers)
+    hs = idx if idx >= 0 else n + 1 + idx
+    return ("attn", "cls", "norm") if hs >= 1 else ("attn", "norm")
+
+
+def settings_from(cfg):
+    from .loop import SearchSettings
+
+    s = cfg.search
+    fields = SearchSettings.__dataclass_fields__
+    kw = {k: _get(s, k) for k in fields if k not in ("budget", "seed") and _get(s, k) is not None}
+    return SearchSettings(budget=float(cfg.budget), seed=int(_get(cfg, "seed", 0)), **kw)
+
+
+def search_plan(model, processor, train, space, settings, n_text, out_dir=None, accelerator=None, resume=False,
+                progress=True, config: dict | None = None, stop_after=None, model_name: str = ""):
+    """Search, discretize and repair: returns (plan, SearchResult). Writes nothing but the loop's
+    log / checkpoints (``out_dir``)."""
+    from ..plan import backbone_info
+    from .discretize import discretize, min_cost_ratio
+    from .loop import search
+
+    text_config = model.config.text_config
+    backbone = backbone_info(model.config, name=model_name)
+    floor = min_cost_ratio(text_config, backbone, n_text, space.layers)
+    if settings.budget < floor:
+        raise UserError(f"budget={settings.budget} is below what any plan can reach on this backbone and data: "
+                        f"even one visual token left at layer {space.layers[0]} costs {floor:.3f} of the full "
+                        f"prefill FLOPs (text tokens: {n_text:.1f} on average). Use budget >= {floor:.3f}.")
+    res = search(model, processor, train, space, settings, n_text, out_dir=out_dir, accelerator=accelerator,
+                 resume=resume, progress=progress, stop_after=stop_after)
+    plan, repair = discretize(res.state, backbone, settings.budget, text_config, n_text)
+    plan.seed = settings.seed
+    from dataclasses import asdict
+
+    plan.search = {
+        "config": config or {}, "settings": asdict(settings), "space": space.to_dict(), "seed": settings.seed,
+        "steps": res.steps, "final_loss": res.final_loss, "lambda_b": res.lam, "n_text": n_text,
+        "resumed_from": res.resumed_from, "seconds": round(res.seconds, 2),
+        "distributions": res.state.distributions(), "repair": repair,
+    }
+    return plan, res
+
+
+def run(cfg, out_dir=None, accelerator=None) -> dict:
+    """The body of ``diffopsearch search``: returns the searched plan's results dict."""
+    import torch
+
+    from ..backbone.load import load_backbone
+    from ..config import to_dict, validate
+    from ..data.datasets import load_from_config, load_qa
+    from ..evaluate import _accelerator, evaluate, mean_prompt_text_tokens, output_dir
+
+    validate(cfg)
+    out = output_dir(out_dir)
+    accelerator = accelerator or _accelerator(cfg.model)
+    multi = accelerator.num_processes > 1
+    is_main = accelerator.process_index == 0
+    torch.manual_seed(int(_get(cfg, "seed", 0)))
+    ds = cfg.dataset
+    # The data first: a bad path or column fails in seconds, before a large model is loaded.
+    train = load_qa(_get(ds, "name", "toy"), _get(ds, "path") or None, _get(ds, "search_split", "train"),
+                    _get(ds, "search_questions_config") or _get(ds, "questions_config"),
+                    _get(ds, "search_images_config") or _get(ds, "images_config"),
+                    _get(cfg.search, "train_limit"))
+    limit = _get(cfg, "limit")
+    evalset = load_from_config(ds, limit=None if limit is None else int(limit))
+    if train.split == evalset.split and train.path == evalset.path and \
+            (_get(ds, "search_questions_config") or _get(ds, "questions_config")) == _get(ds, "questions_config"):
+        raise UserError(f"dataset.search_split={train.split!r} is the evaluation split: the search must never see the "
+                        "split its results are reported on; use the train split (dataset.search_split=train).")
+    model, processor = load_backbone(cfg.model, device=accelerator.device if multi else None)
+    space = make_space(model.config, cfg.search)
+    settings = settings_from(cfg)
+    n_text = mean_prompt_text_tokens(processor, train)
+    model_name = str(_get(cfg.model, "name", "model"))
+    path = _get(cfg.model, "path", "")
+    model_id = f"{model_name}:{path}" if path else model_name
+    plan, res = search_plan(model, processor, train, space, settings, n_text, out_dir=out if is_main else None,
+                            accelerator=accelerator, resume=bool(_get(cfg, "resume", False)),
+                            config=to_dict(cfg), model_name=model_id)
+    if is_main:
+        plan.save(out / PLAN_NAME)
+        _print_plan(plan)
+    accelerator.wait_for_everyone()
+    common = dict(batch_size=int(_get(cfg, "batch_size", 16)), max_new_tokens=int(_get(cfg, "max_new_tokens", 16)),
+                  accelerator=accelerator, metric=_get(ds, "metric") or None,
+                  vqa_mode=_get(ds, "vqa_mode", "official"), model_name=model_id)
+    extra = {"budget": float(cfg.budget), "ckpt": str(out / PLAN_NAME), "limit": None if limit is None else int(limit),
+             "method": "search", "search": {k: plan.search[k] for k in ("steps", "final_loss", "seed", "seconds")}}
+    results = evaluate(model, processor, plan, evalset, out_dir=out, extra=extra,
+                       resume=bool(_get(cfg, "resume", False)), **common)
+    if bool(_get(cfg.search, "eval_baselines", False)):
+        rows = eval_baselines(model, processor, evalset, float(cfg.budget), out, common, int(_get(cfg, "seed", 0)),
+                              resume=bool(_get(cfg, "resume", False)))
+        rows.insert(0, _row("search", results))
+        results["baselines"] = rows
+        if is_main:
+            from ..io import atomic_write_json
+
+            atomic_write_json(out / "results.json", results)
+            print_comparison(rows, float(cfg.budget))
+    return results
+
+
+def _row(method: str, r: dict) -> dict:
+    lat = r.get("latency") or {}
+    return {"method": method, "accuracy": r["accuracy"], "n": r["n"], "flops_ratio": r["flops_ratio"],
+            "avg_visual_tokens": (r.get("visual_tokens") or {}).get("avg"),
+            "prefill_ms_per_sample": lat.get("prefill_ms_per_sample"),
+            "prefill_ms_per_batch": lat.get("prefill_ms_per_batch")}
+
+
+def eval_baselines(model, processor, evalset, budget: float, out: Path, common: dict, seed: int,
+                   resume: bool = False) -> list[dict]:
+    """Every baseline at ``budget`` (and the unreduced model), each into ``out/baselines/NAME``."""
+    from ..baselines import make_plan
+    from ..config import PLAN_NAMES
+    from ..evaluate import evaluate, mean_prompt_text_tokens, visual_token_count
+
+    n_visual, grid = visual_token_count(model.config)
+    n_text = mean_prompt_text_tokens(processor, evalset)
+    rows = []
+    for name in PLAN_NAMES:
+        try:
+            plan = make_plan(name, 1.0 if name == "none" else budget, model.config.text_config, n_visual, grid,
+                             n_text, seed=seed)
+        except UserError as e:  # e.g. FastV at K=2 cannot reach a small budget: a row that says so
+            rows.append({"method": name, "accuracy": None, "n": 0, "flops_ratio": None, "avg_visual_tokens": None,
+                         "prefill_ms_per_sample": None, "prefill_ms_per_batch": None, "unreachable": str(e)})
+            continue
+        r = evaluate(model, processor, plan, evalset, out_dir=out / BASELINES_DIR / name, show=False, resume=resume,
+                     extra={"budget": 1.0 if name == "none" else budget, "method": name}, **common)
+        rows.append(_row(name, r))
+    return rows
+
+
+def print_comparison(rows: list[dict], budget: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"search vs baselines at budget {budget:g} (none = unreduced)")
+    for c, j in (("method", "left"), ("accuracy", "right"), ("FLOPs ratio", "right"), ("avg visual tokens", "right"),
+                 ("prefill ms / sample", "right")):
+        t.add_column(c, justify=j)
+    for r in rows:
+        ms = r["prefill_ms_per_sample"]
+        if r["accuracy"] is None:
+            t.add_row(r["method"], "-", "unreachable", "-", "-")
+            continue
+        t.add_row(r["method"], f"{100 * r['accuracy']:.2f}%", f"{r['flops_ratio']:.3f}",
+                  "-" if r["avg_visual_tokens"] is None else f"{r['avg_visual_tokens']:.1f}",
+                  "-" if ms is None else f"{ms:.2f}")
+    Console().print(t)
+
+
+def _print_plan(plan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"searched plan: FLOPs ratio {plan.cost['flops_ratio']:.3f} <= budget {plan.budget:g}")
+    for c in ("layer", "keep", "score", "anchors", "merge", "sharpness", "locality", "reweight"):
+        t.add_column(c, justify="right")
+    for s in plan.sites:
+        t.add_row(*(str(getattr(s, c)) for c in ("layer", "keep", "score", "anchors", "merge", "sharpness",
+                                                  "locality", "reweight")))
+    Console().print(t)

@@ -1,0 +1,339 @@
+"""`diffopsearch {search,eval,report,prepare} [hydra overrides...]`.
+
+Each subcommand is an ordinary Hydra app (version_base 1.3) over the configs shipped in
+``diffopsearch/conf``: ``--help``, ``--cfg job``, ``-m``, ``hydra.run.dir=DIR`` work as in any
+Hydra app. ``main`` strips the subcommand from the arguments and runs that app.
+
+Exit codes: 0 success; 2 bad input (a ``UserError`` from our code, or a configuration Hydra
+refused: unknown option, wrong type, unknown key), printed as one paragraph without traceback;
+1 a bug (Hydra prints the stack). Tracebacks for bad input too with ``debug=true``,
+``DIFFOPSEARCH_TRACEBACK=1`` or ``HYDRA_FULL_ERROR=1``.
+
+In a sweep (``-m``) a failing job does not stop the others: it writes ``error.json`` into its job
+directory, the sweep goes on, and a summary at the end names the failed jobs (exit code 1, or 2
+when every failure was bad input).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import hydra
+from omegaconf import DictConfig
+
+from . import config as _config  # registers the structured-config schemas
+from .errors import UserError
+
+log = logging.getLogger("diffopsearch")
+
+COMMANDS = {
+    "search": "search a token-reduction plan under a FLOPs budget (the main job)",
+    "eval": "evaluate the unreduced model, a baseline (plan=NAME) or a searched plan (ckpt=PATH)",
+    "report": "collect the results.json files below dir=DIR into report.md and pareto.png",
+    "prepare": "build or find the embedded toy backbone and toy world, and print where they are",
+}
+
+# What each command runs: (module, function), imported only when the command runs, so that
+# `--help` stays fast and the modules (written separately) can be replaced in tests.
+BODIES = {
+    "search": ("diffopsearch.search", "run"),
+    "eval": ("diffopsearch.evaluate", "run"),
+    "report": ("diffopsearch.report", "run"),
+    "prepare": ("diffopsearch.cli", "prepare"),
+}
+
+USAGE = """\
+usage: diffopsearch <command> [--help] [--cfg job] [-m] [key=value ...]
+
+Differentiable search over visual-token reduction operators for LLaVA-family models.
+
+commands:
+{commands}
+
+Every command is a Hydra app: `diffopsearch <command> --help` lists its options and config
+groups; overrides look like budget=0.6 model=llava dataset=gqa; -m runs a sweep
+(budget=0.8,0.6,0.4). Runs write under outputs/ (sweeps under multirun/) in the current directory.
+
+examples:
+  diffopsearch search                        # the embedded toy backbone and world, budget 0.6
+  diffopsearch eval ckpt=outputs/DATE/TIME_search
+  diffopsearch search -m budget=0.8,0.6,0.4,0.25
+  diffopsearch report dir=multirun/DATE/TIME_search
+"""
+
+
+@dataclass
+class _Failure:
+    job_dir: str
+    overrides: list
+    message: str
+    user_error: bool
+
+
+@dataclass
+class _RunState:
+    entered: bool = False  # the task function started: later exits are not config errors
+    failures: list = field(default_factory=list)
+
+
+_STATE = _RunState()
+
+
+def _traceback_wanted(cfg: Optional[DictConfig] = None) -> bool:
+    env = any(os.environ.get(k, "") not in ("", "0") for k in ("DIFFOPSEARCH_TRACEBACK", "HYDRA_FULL_ERROR"))
+    return env or bool(cfg is not None and cfg.get("debug", False))
+
+
+def _hydra_runtime() -> tuple[bool, str, list]:
+    """(is this a sweep job, the job's output dir, the job's overrides)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False, os.getcwd(), []
+    hc = HydraConfig.get()
+    return hc.mode == RunMode.MULTIRUN, hc.runtime.output_dir, list(hc.overrides.task)
+
+
+# --------------------------------------------------------------------------- command bodies
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """`diffopsearch prepare`: the embedded default's two directories."""
+    from .backbone.load import prepare_toy
+
+    backbone, dataset = prepare_toy()
+    print(f"backbone: {backbone}")
+    print(f"dataset: {dataset}")
+    return {"backbone": str(backbone), "dataset": str(dataset)}
+
+
+def _body(command: str) -> Callable[[DictConfig], Any]:
+    module, name = BODIES[command]
+    return getattr(importlib.import_module(module), name)
+
+
+# --------------------------------------------------------------------------- accelerate relaunch
+
+
+def _quote_override_value(value: str) -> str:
+    """Quote a value for Hydra's override grammar (paths may hold characters it would parse)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def accelerate_argv(command: str, overrides: list, run_dir: str, num_processes: int,
+                    extra_args: list = ()) -> list:
+    """The `accelerate launch` command line that re-runs this job with one process per GPU,
+    writing into the same run directory."""
+    argv = [sys.executable, "-m", "accelerate.commands.launch",
+            "--num_processes", str(num_processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if num_processes > 1:
+        argv.append("--multi_gpu")
+    argv += list(extra_args)
+    argv += ["-m", "diffopsearch", command, *overrides,
+             f"hydra.run.dir={_quote_override_value(str(run_dir))}", "hydra.output_subdir=null"]
+    return argv
+
+
+def _relaunch_under_accelerate(command: str, cfg: DictConfig) -> dict:
+    import subprocess
+
+    _, run_dir, overrides = _hydra_runtime()
+    n = cfg.launch.num_processes
+    if n is None:
+        import torch
+
+        n = max(1, torch.cuda.device_count())
+    argv = accelerate_argv(command, overrides, run_dir, n, list(cfg.launch.args))
+    log.info("relaunching under accelerate: %s", " ".join(argv))
+    env = dict(os.environ, DIFFOPSEARCH_LAUNCHED="1")  # the children must not relaunch again
+    rc = subprocess.call(argv, env=env)
+    if rc == UserError.exit_code:
+        raise UserError(f"`accelerate launch` of `diffopsearch {command}` refused its input "
+                        f"(exit code 2); its message is above and in {run_dir}.")
+    if rc != 0:
+        raise RuntimeError(f"`accelerate launch` of `diffopsearch {command}` failed with exit code {rc}; "
+                           f"see its output above and in {run_dir}.")
+    return {"relaunched": True, "num_processes": n, "run_dir": run_dir}
+
+
+_WORKER_ENV = ("DIFFOPSEARCH_LAUNCHED", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def _should_relaunch(cfg: DictConfig, environ=os.environ) -> bool:
+    """launch.accelerate: true / false, or null = inside a SLURM job of hydra/launcher=slurm."""
+    if "launch" not in cfg or any(environ.get(k) for k in _WORKER_ENV):
+        return False
+    if cfg.launch.accelerate is None:
+        return environ.get("SUBMITIT_EXECUTOR") == "slurm"
+    return bool(cfg.launch.accelerate)
+
+
+# --------------------------------------------------------------------------- the task functions
+
+
+def _print_user_error(command: str, err: UserError, cfg: Optional[DictConfig]) -> None:
+    if _traceback_wanted(cfg):
+        traceback.print_exc()
+    sys.stderr.write(f"diffopsearch {command}: error: {err}\n")
+    sys.stderr.flush()
+
+
+def _record_failure(command: str, err: Exception, user: bool) -> None:
+    """A failed sweep job: say so, leave error.json in its directory, let the sweep go on."""
+    from .io import atomic_write_json
+
+    _, job_dir, overrides = _hydra_runtime()
+    if user:
+        log.error("job %s failed: %s", " ".join(overrides), err)
+    else:
+        log.exception("job %s failed", " ".join(overrides))
+    info = {"command": command, "overrides": overrides, "error": str(err), "type": type(err).__name__,
+            "user_error": user, "traceback": None if user else traceback.format_exc()}
+    try:
+        atomic_write_json(os.path.join(job_dir, "error.json"), info)
+    except OSError:
+        pass
+    _STATE.failures.append(_Failure(job_dir, overrides, str(err), user))
+
+
+def _run_task(command: str, cfg: DictConfig) -> Any:
+    _STATE.entered = True
+    multirun = _hydra_runtime()[0]
+    try:
+        _config.validate(cfg)
+        if _should_relaunch(cfg):
+            return _relaunch_under_accelerate(command, cfg)
+        return _body(command)(cfg)
+    except UserError as err:
+        if multirun:
+            _record_failure(command, err, user=True)
+            return None
+        _print_user_error(command, err, cfg)
+        raise SystemExit(UserError.exit_code)
+    except Exception as err:
+        if multirun:
+            _record_failure(command, err, user=False)
+            return None
+        raise  # a bug: Hydra prints the stack and exits 1
+
+
+# Plain module-level functions (not the decorated ones) are what Hydra hands to its launchers,
+# so that submitit can pickle them by reference.
+def search_task(cfg: DictConfig) -> Any:
+    return _run_task("search", cfg)
+
+
+def eval_task(cfg: DictConfig) -> Any:
+    return _run_task("eval", cfg)
+
+
+def report_task(cfg: DictConfig) -> Any:
+    return _run_task("report", cfg)
+
+
+def prepare_task(cfg: DictConfig) -> Any:
+    return _run_task("prepare", cfg)
+
+
+def _hydra_app(command: str, task: Callable) -> Callable[[], None]:
+    return hydra.main(version_base="1.3", config_path="pkg://diffopsearch.conf", config_name=command)(task)
+
+
+APPS = {
+    "search": _hydra_app("search", search_task),
+    "eval": _hydra_app("eval", eval_task),
+    "report": _hydra_app("report", report_task),
+    "prepare": _hydra_app("prepare", prepare_task),
+}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    return USAGE.format(commands="\n".join(f"  {c.ljust(width)}  {h}" for c, h in COMMANDS.items()))
+
+
+def _exit_code(code: Any) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    sys.stderr.write(f"{code}\n")  # sys.exit("message") convention
+    return 1
+
+
+def _summarize_failures(command: str) -> int:
+    failures = _STATE.failures
+    lines = [f"diffopsearch {command}: {len(failures)} sweep job(s) failed (the others finished):"]
+    for f in failures:
+        lines.append(f"  {' '.join(f.overrides) or '(no overrides)'}: {f.message}  [{f.job_dir}/error.json]")
+    sys.stderr.write("\n".join(lines) + "\n")
+    return UserError.exit_code if all(f.user_error for f in failures) else 1
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Run `diffopsearch <argv>`; returns the exit code (the console script exits with it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage(), end="")
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"diffopsearch {version('diffopsearch')}")
+        except PackageNotFoundError:
+            print("diffopsearch (not installed)")
+        return 0
+    command = argv[0]
+    if command not in APPS:
+        sys.stderr.write(f"diffopsearch: error: unknown command {command!r}; the commands are "
+                         f"{', '.join(COMMANDS)}. Run `diffopsearch --help`.\n")
+        return 2
+
+    _STATE.entered, _STATE.failures = False, []
+    saved_argv = sys.argv
+    # Hydra parses sys.argv itself; its usage lines then read `diffopsearch <command> ...`.
+    sys.argv = [f"diffopsearch {command}", *argv[1:]]
+    try:
+        APPS[command]()
+        code = 0
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+        if code == 1 and not _STATE.entered:
+            # Hydra refused the configuration (unknown option, wrong type, unknown key) and has
+            # explained why: that is bad input, not a crash.
+            sys.stderr.write(f"diffopsearch {command}: error: the configuration above was refused; "
+                             f"`diffopsearch {command} --help` lists the options.\n")
+            code = UserError.exit_code
+    except BrokenPipeError:  # `diffopsearch search --help | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
+    except Exception as exc:
+        if _STATE.entered:
+            raise
+        # A usage error Hydra raises outside its own reporting (`-m --cfg job`), or a config
+        # error let through by HYDRA_FULL_ERROR=1: bad input either way.
+        if _traceback_wanted():
+            traceback.print_exc()
+        sys.stderr.write(f"diffopsearch {command}: error: {exc}\n")
+        code = UserError.exit_code
+    finally:
+        sys.argv = saved_argv
+    if code == 0 and _STATE.failures:
+        code = _summarize_failures(command)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Structured configs: the schema every command's configuration is checked against.
+
+Each subcommand has one top-level dataclass (``SearchApp``, ``EvalApp``, ``ReportApp``,
+``PrepareApp``) registered in Hydra's ConfigStore as ``<app>_schema``; the shipped YAML
+(``diffopsearch/conf/<app>.yaml``) lists it first in its defaults, so Hydra types every node:
+an unknown key or a wrong type (``budget=abc``) is refused with Hydra's own message. The group
+files (``model/``, ``dataset/``, ``search/``, ``plan/``) merge into nodes typed by ``ModelConfig``,
+``DatasetConfig``, ``SearchConfig`` and ``PlanConfig``. Values that a type cannot express (a budget
+in (0, 1], a dtype name) are checked by :func:`validate`, which raises ``UserError``.
+
+Plain strings, not Enums, for choices: other modules compare ``cfg.model.dtype == "bfloat16"`` and
+write configs to JSON, and Enum members would break both.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import UserError
+
+APPS = ("search", "eval", "report", "prepare")
+
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODEL_DEVICES = ("auto", "cpu", "cuda")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+DATASET_NAMES = ("toy", "gqa", "vqav2")
+METRICS = ("gqa", "vqa")
+VQA_MODES = ("official", "lmms")
+PLAN_NAMES = ("none", "fastv", "tome", "pool", "prumerge", "visionzip", "random")
+OPERATORS = ("continuous", "mixture")
+DEFAULT_LADDER = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "toy"
+    path: str = ""  # HF id or local dir; "" with name=toy = the weights shipped in the package
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "toy"  # toy | gqa | vqav2
+    path: str = ""  # hub id or local dir; "" with name=toy = the prepared toy world
+    questions_config: Optional[str] = None
+    images_config: Optional[str] = None  # GQA keeps images in a second config; VQAv2 inline
+    split: str = "test"  # evaluation split (HF slice syntax allowed: "val[:1000]")
+    search_split: str = "train"  # what the search trains its few architecture scalars on
+    val_split: str = "validation"  # what the search selects on
+    # search_split / val_split may live in other configs than the eval split (GQA: testdev is
+    # its own config); null = the same configs as the eval split.
+    search_questions_config: Optional[str] = None
+    search_images_config: Optional[str] = None
+    metric: str = "gqa"  # gqa (exact match) | vqa (VQAv2 soft accuracy)
+    vqa_mode: str = "official"  # official | lmms (answer normalisation flavour)
+
+
+@dataclass
+class PlanConfig:
+    name: str = "none"  # none | fastv | tome | pool | prumerge | visionzip | random
+    layer: Optional[int] = None  # reduction layer; null = the method's own default
+    seed: int = 0
+
+
+@dataclass
+class SearchConfig:
+    operator: str = "continuous"  # continuous knobs | mixture over named regimes
+    steps: int = 150
+    lr: float = 0.05
+    batch_size: int = 16
+    candidate_layers: Optional[List[int]] = None  # null = every layer the backbone allows
+    ladder: List[float] = field(default_factory=lambda: list(DEFAULT_LADDER))
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    warmup_steps: int = 10
+    lambda_init: float = 1.0
+    dual_lr: float = 0.5
+    kl_weight: float = 0.0
+    checkpoint_every: int = 50
+    eval_baselines: bool = False
+    train_limit: Optional[int] = None
+    val_limit: Optional[int] = 256
+
+
+@dataclass
+class LaunchConfig:
+    """Re-run the job under ``accelerate launch``, one process per GPU.
+
+    ``accelerate``: true = always, false = never, null (default) = when the job runs inside a
+    SLURM job submitted by ``hydra/launcher=slurm``. Never from a process that is already one of
+    accelerate's (or torchrun's) workers."""
+
+    accelerate: Optional[bool] = None
+    num_processes: Optional[int] = None  # null = every GPU visible to the job
+    args: List[str] = field(default_factory=list)  # extra `accelerate launch` flags
+
+
+@dataclass
+class ReportConfig:
+    dir: str = "${dir}"  # `report dir=X` and `report report.dir=X` both work
+    out: Optional[str] = None  # where report.md / pareto.png go; null = inside dir
+
+
+@dataclass
+class _RunApp:
+    """Fields shared by the commands that run a model (search, eval)."""
+
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    budget: float = 1.0
+    limit: Optional[int] = None  # first N questions of the eval split
+    batch_size: int = 16
+    max_new_tokens: int = 16
+    seed: int = 0
+    resume: bool = False
+    num_workers: int = 0
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    debug: bool = False  # show tracebacks for user errors too
+
+
+@dataclass
+class SearchApp(_RunApp):
+    search: SearchConfig = MISSING
+    budget: float = 0.6
+
+
+@dataclass
+class EvalApp(_RunApp):
+    plan: PlanConfig = MISSING
+    ckpt: Optional[str] = None  # a plan.json, or a run dir holding one; overrides `plan`
+    budget: float = 1.0
+
+
+@dataclass
+class ReportApp:
+    dir: str = MISSING
+    report: ReportConfig = field(default_factory=ReportConfig)
+    debug: bool = False
+
+
+@dataclass
+class PrepareApp:
+    debug: bool = False
+
+
+SCHEMAS = {"search": SearchApp, "eval": EvalApp, "report": ReportApp, "prepare": PrepareApp}
+
+
+def register() -> None:
+    """Register the app schemas (idempotent; importing this module does it)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for app, node in SCHEMAS.items():
+        cs.store(name=f"{app}_schema", node=node)
+
+
+register()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _choice(what: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise UserError(f"{what}={value!r} is not valid: allowed values are {', '.join(allowed)}.")
+
+
+def _at_least(what: str, value: Any, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < low:
+        raise UserError(f"{what}={value!r} is not valid: it must be an integer >= {low}"
+                        + (" or null." if allow_none else "."))
+
+
+def check_budget(budget: Any, what: str = "budget") -> float:
+    """A budget is a fraction of the unreduced prefill FLOPs: 0 < budget <= 1."""
+    try:
+        b = float(budget)
+    except (TypeError, ValueError):
+        b = float("nan")
+    if not (math.isfinite(b) and 0.0 < b <= 1.0):
+        raise UserError(f"{what}={budget!r} is not valid: the budget is the fraction of the unreduced "
+                        "model's prefill FLOPs and must lie in (0, 1], e.g. budget=0.6.")
+    return b
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check what the types cannot: value ranges and choices. Raises UserError naming the value."""
+    if "budget" in cfg:
+        check_budget(cfg.budget)
+    if "model" in cfg:
+        m = cfg.model
+        if not m.name:
+            raise UserError("model.name is empty: pick a model with model=toy|llava|llava13b.")
+        _choice("model.dtype", m.dtype, MODEL_DTYPES)
+        _choice("model.device", m.device, MODEL_DEVICES)
+        _choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
+    if "dataset" in cfg:
+        d = cfg.dataset
+        _choice("dataset.name", d.name, DATASET_NAMES)
+        _choice("dataset.metric", d.metric, METRICS)
+        _choice("dataset.vqa_mode", d.vqa_mode, VQA_MODES)
+        if d.name != "toy" and not d.path:
+            raise UserError(f"dataset.path is empty for dataset {d.name!r}: set it to a hub id "
+                            "(e.g. lmms-lab-encoder/GQA) or a local directory.")
+    if "plan" in cfg:
+        _choice("plan.name", cfg.plan.name, PLAN_NAMES)
+        _at_least("plan.layer", cfg.plan.layer, 0, allow_none=True)
+    for key, low in (("limit", 1), ("batch_size", 1), ("max_new_tokens", 1), ("num_workers", 0)):
+        if key in cfg:
+            _at_least(key, cfg[key], low, allow_none=key == "limit")
+    if "launch" in cfg:
+        _at_least("launch.num_processes", cfg.launch.num_processes, 1, allow_none=True)
+    if "search" in cfg:
+        s = cfg.search
+        _choice("search.operator", s.operator, OPERATORS)
+        _at_least("search.steps", s.steps, 1)
+        _at_least("search.batch_size", s.batch_size, 1)
+        _at_least("search.warmup_steps", s.warmup_steps, 0)
+        _at_least("search.checkpoint_every", s.checkpoint_every, 1)
+        _at_least("search.train_limit", s.train_limit, 1, allow_none=True)
+        _at_least("search.val_limit", s.val_limit, 1, allow_none=True)
+        if not s.lr > 0:
+            raise UserError(f"search.lr={s.lr!r} is not valid: the learning rate must be > 0.")
+        if not (0 < s.tau_end <= s.tau_start):
+            raise UserError(f"search.tau_start={s.tau_start!r}, search.tau_end={s.tau_end!r} are not valid: "
+                            "the temperature anneals from tau_start down to tau_end, 0 < tau_end <= tau_start.")
+        ladder = list(s.ladder)
+        if not ladder or any(not (0 < k <= 1) for k in ladder) or len(set(ladder)) != len(ladder):
+            raise UserError(f"search.ladder={ladder!r} is not valid: it must list distinct keep fractions "
+                            "in (0, 1], e.g. [1.0, 0.9, ..., 0.1].")
+        if 1.0 not in ladder:
+            raise UserError(f"search.ladder={ladder!r} is not valid: it must contain 1.0 "
+                            "(the 'no reduction here' choice).")
+        if s.candidate_layers is not None:
+            layers = list(s.candidate_layers)
+            if not layers or any(layer < 0 for layer in layers):
+                raise UserError(f"search.candidate_layers={layers!r} is not valid: a non-empty list of decoder "
+                                "layer indices >= 0, or null for every layer.")
+        for key in ("lambda_init", "dual_lr", "kl_weight"):
+            if s[key] < 0:
+                raise UserError(f"search.{key}={s[key]!r} is not valid: it must be >= 0.")
+    if "report" in cfg:
+        from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+        try:
+            rdir = cfg.report.dir
+        except (MissingMandatoryValue, InterpolationToMissingValueError):
+            raise UserError("report needs a directory: diffopsearch report dir=<a run, outputs/ or multirun/ "
+                            "directory>; every results.json below it is collected.") from None
+        if not Path(rdir).is_dir():
+            raise UserError(f"report dir={rdir!r} is not a directory: give a run, outputs/ or multirun/ "
+                            "directory; every results.json below it is collected.")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def compose(app: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The configuration `diffopsearch <app> <overrides>` would run with (no `hydra` node).
+
+    For the Python API and tests; works inside and outside a running Hydra app."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    _choice("command", app, APPS)
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name=app, overrides=list(overrides))
+    with initialize_config_module(config_module="diffopsearch.conf", version_base="1.3"):
+        return hydra_compose(config_name=app, overrides=list(overrides))
+
+
+def run_dir() -> Path:
+    """Where the current job writes: Hydra's output dir inside an app, else the cwd."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(os.getcwd())
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    """A resolved, JSON-ready copy of a config (for plan.json's `search.config`, results.json)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

@@ -1,0 +1,617 @@
+"""`diffopsearch eval`: accuracy and measured cost of a plan on GQA, VQAv2 or the toy world.
+
+- Batched greedy generation (left padding, at most ``max_new_tokens``) through
+  ``apply_plan(model, plan).generate``, with the lmms-eval prompt (:mod:`diffopsearch.data.prompts`).
+- Multi-process through Accelerate: the questions still to answer are dealt out by index
+  (process r takes pending[r::P]); after every batch step the answers of all processes are gathered
+  (``accelerate.utils.gather_object``) and the main process appends them to the answer cache. So
+  ``n`` and the accuracy do not depend on the number of processes, and only the main process writes.
+- Resumable: ``answers.jsonl`` beside ``results.json`` holds one line per answered question,
+  tagged with a hash of everything that determines the answer (plan, model, data set, split,
+  prompt, max_new_tokens). A rerun into the same run directory only generates what is missing.
+- Cost is measured, not assumed: the FLOPs ratio from :func:`diffopsearch.cost.plan_cost` at the
+  data's actual mean prompt length, and the prefill latency (the reduced forward of the prompt,
+  reduction included) timed after a warm-up batch, median over batches, with CUDA synchronisation.
+
+results.json: ``accuracy`` (0..1), ``n`` (questions scored), ``n_questions``, ``per_type``
+({type: {accuracy, n}}: toy family, GQA types.structural, VQAv2 answer_type), ``flops_ratio``,
+``visual_tokens`` ({image, llm_input, per_layer, avg, grid}), ``mean_text_tokens``, ``cost`` (the
+rest of plan_cost), ``latency`` ({prefill_ms_per_batch, prefill_ms_per_sample, batch_size,
+batches_timed, warmup_batches, device}), ``throughput`` ({samples_per_s, generated, cached,
+processes}), ``peak_memory_mb`` (+ ``peak_memory_kind``), ``image_errors`` ({count, examples}),
+``model``, ``dataset``, ``dataset_path``, ``split``, ``metric``, ``max_new_tokens``, ``plan`` (the
+plan dict), and from ``run``: ``budget``, ``ckpt``, ``limit``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+CACHE_NAME = "answers.jsonl"
+RESULTS_NAME = "results.json"
+LATENCY_BATCHES = 8
+SCORE_CHUNK = 2048
+
+
+# ---------------------------------------------------------------- processes
+
+class _Procs:
+    """The few Accelerate calls evaluation needs; a single process without an accelerator."""
+
+    def __init__(self, accelerator=None):
+        self.acc = accelerator
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.is_main = self.rank == 0
+
+    def gather(self, items: list) -> list:
+        if self.world == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        box = [obj]
+        broadcast_object_list(box)
+        return box[0]
+
+    def wait(self) -> None:
+        if self.world > 1:
+            self.acc.wait_for_everyone()
+
+
+# ---------------------------------------------------------------- answer cache
+
+def settings_key(plan_dict: dict | None, model_id: str, dataset, max_new_tokens: int, prompt_probe: str) -> str:
+    """Hash of everything that determines an answer (not the batch size or process count)."""
+    blob = json.dumps({"plan": plan_dict, "model": model_id, "dataset": [dataset.name, dataset.path, dataset.split],
+                       "max_new_tokens": max_new_tokens, "prompt": prompt_probe}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_cache(path: Path | None, key: str) -> dict[str, str]:
+    """qid -> prediction for the lines of ``path`` made with ``key``; a torn last line is ignored."""
+    out: dict[str, str] = {}
+    if path is None or not path.exists():
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("key") == key and "qid" in row and "prediction" in row:
+                out[str(row["qid"])] = row["prediction"]
+    return out
+
+
+def _end_line(path: Path) -> None:
+    """Close a torn last line (a run killed mid-write), so the next answer starts a line of its own."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+def _append_cache(path: Path, key: str, answers: list[dict]) -> None:
+    if not answers:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        for a in answers:
+            f.write(json.dumps({"key": key, "qid": a["qid"], "prediction": a["prediction"]}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- model calls
+
+def _device(model):
+    import torch
+
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    return next(model.parameters()).device
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _to_device(inputs: dict, device, dtype) -> dict:
+    out = {}
+    for k, v in inputs.items():
+        if hasattr(v, "to"):
+            v = v.to(device)
+            if k == "pixel_values" and v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def prefill(reduced, inputs: dict) -> None:
+    """The prefill alone: one reduced forward over the prompt (only the last position's logits
+    where the forward supports it, as generation does)."""
+    import torch
+
+    kwargs = {"logits_to_keep": 1} if _accepts(reduced.forward, "logits_to_keep") else {}
+    with torch.inference_mode():
+        reduced(**inputs, **kwargs)
+
+
+def generate_answers(reduced, processor, inputs: dict, max_new_tokens: int) -> list[str]:
+    """Greedy answers of one left-padded batch, decoded and stripped."""
+    import torch
+
+    tok = processor.tokenizer
+    with torch.inference_mode():
+        out = reduced.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def measure_latency(reduced, dataset, processor, indices: list[int], batch_size: int, device, dtype,
+                    n_batches: int = LATENCY_BATCHES) -> list[tuple[float, int]]:
+    """(prefill ms, batch size) for up to ``n_batches`` batches of ``indices``, after one untimed
+    warm-up batch (the first one, timed again afterwards)."""
+    from .data.datasets import make_eval_batch
+
+    batches = []
+    for start in range(0, len(indices), batch_size):
+        recs, imgs = dataset.batch(indices[start:start + batch_size])
+        if recs:
+            batches.append(_to_device(make_eval_batch(processor, recs, imgs), device, dtype))
+        if len(batches) >= n_batches:
+            break
+    if not batches:
+        return []
+    prefill(reduced, batches[0])  # warm-up: kernels, allocator, lazy init
+    times = []
+    for inputs in batches:
+        _sync(device)
+        t0 = time.perf_counter()
+        prefill(reduced, inputs)
+        _sync(device)
+        times.append(((time.perf_counter() - t0) * 1000.0, int(inputs["input_ids"].shape[0])))
+    return times
+
+
+# ---------------------------------------------------------------- scoring and cost
+
+def score(prediction: str, record: dict, metric: str, vqa_mode: str = "official") -> float:
+    from .metrics import gqa_match, vqa_accuracy
+
+    if metric == "vqa":
+        if not record.get("answers"):
+            raise UserError(f"question {record['id']!r} has no annotator answers: metric 'vqa' needs the "
+                            "VQAv2 'answers' column; use dataset.metric=gqa for single-answer data.")
+        return vqa_accuracy(prediction, record["answers"], mode=vqa_mode)
+    if metric == "gqa":
+        return 1.0 if gqa_match(prediction, record["answer"] or "") else 0.0
+    raise UserError(f"dataset.metric {metric!r} is not valid: use gqa (exact match) or vqa (VQAv2 accuracy).")
+
+
+def visual_token_count(config) -> tuple[int, tuple[int, int]]:
+    """(visual tokens entering the LLM per image, patch grid) from a LLaVA config."""
+    v = config.vision_config
+    side = v.image_size // v.patch_size
+    n = getattr(config, "image_seq_length", None) or side * side
+    return int(n), (side, side)
+
+
+def prompt_text_lengths(processor, records: list[dict]) -> list[int]:
+    """Text tokens of each evaluation prompt (the image placeholder excluded)."""
+    from .data.prompts import format_prompt
+
+    if not records:
+        return []
+    ids = processor.tokenizer([format_prompt(r["question"], processor) for r in records])["input_ids"]
+    return [len(x) - 1 for x in ids]
+
+
+def mean_prompt_text_tokens(processor, dataset, indices=None) -> float:
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    total, n = 0, 0
+    for s in range(0, len(indices), SCORE_CHUNK):
+        lens = prompt_text_lengths(processor, dataset.records(indices[s:s + SCORE_CHUNK]))
+        total, n = total + sum(lens), n + len(lens)
+    return total / max(n, 1)
+
+
+def plan_cost(model, plan, n_visual: int, n_text: float) -> dict:
+    """FLOPs ratio at ``n_text`` text tokens, and the visual tokens entering every decoder layer
+    with their layer average (both conventions of DESIGN section 4). ``plan`` None = unreduced."""
+    from .cost import plan_cost as _plan_cost
+
+    return dict(_plan_cost(model.config.text_config, plan, n_visual, n_text))
+
+
+def peak_memory_mb(device) -> tuple[float, str]:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "process_peak_rss"
+
+
+# ---------------------------------------------------------------- evaluate
+
+def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_tokens: int = 16,
+             accelerator=None, cache_path: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
+             metric: str | None = None, vqa_mode: str = "official", model_name: str | None = None,
+             latency_batches: int = LATENCY_BATCHES, resume: bool = True, show: bool = True,
+             extra: dict | None = None) -> dict:
+    """Evaluate ``plan`` (a Plan, or None for the unreduced model) on ``dataset`` (a
+    :class:`diffopsearch.data.datasets.QADataset`) and return the results dict.
+
+    ``out_dir``: where ``results.json`` (and by default the answer cache ``answers.jsonl``) go;
+    ``cache_path`` overrides the cache location; with neither, nothing is written. ``resume=False``
+    discards the cache first. ``metric``: gqa | vqa (default: the data set's own). ``extra``: keys
+    merged into the results (e.g. the config). Every process returns the same dict; only the
+    main one writes files and prints.
+    """
+    import torch
+
+    from .data.datasets import make_eval_batch
+    from .data.prompts import format_prompt
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise UserError(f"batch_size={batch_size!r} and max_new_tokens={max_new_tokens!r} must both be >= 1.")
+    procs = _Procs(accelerator)
+    metric = metric or dataset.metric
+    device = _device(model)
+    dtype = getattr(model, "dtype", torch.float32)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if plan is not None:
+        from .patch.llava import apply_plan
+
+        reduced = apply_plan(model, plan)
+    else:
+        reduced = model
+    plan_dict = plan.to_dict() if plan is not None else None
+    model_id = model_name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+    key = settings_key(plan_dict, f"{model_id}|{dtype}", dataset, max_new_tokens, format_prompt("{q}", processor))
+    out_dir = Path(out_dir) if out_dir is not None else None
+    cache = Path(cache_path) if cache_path is not None else (out_dir / CACHE_NAME if out_dir is not None else None)
+
+    # -- resume: everyone reads the cache the main process has (maybe) just cleared
+    if procs.is_main and cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and cache.exists():
+            cache.unlink()
+        _end_line(cache)
+    procs.wait()
+    ids = dataset.ids
+    wanted = set(ids)
+    done = {q: p for q, p in read_cache(cache, key).items() if q in wanted}  # limit may have shrunk
+    pending = [i for i, q in enumerate(ids) if q not in done]
+    mine = pending[procs.rank::procs.world]
+    n_steps = math.ceil(math.ceil(len(pending) / procs.world) / batch_size) if pending else 0
+
+    # -- latency: prefill only, warm, on this process's share of the questions
+    lat = measure_latency(reduced, dataset, processor, list(range(len(dataset)))[procs.rank::procs.world],
+                          batch_size, device, dtype, latency_batches) if latency_batches > 0 else []
+
+    # -- generation
+    answers: dict[str, str] = dict(done)
+    errors: dict[str, str] = {}
+    n_new, t_gen = 0, 0.0
+    progress = None
+    if show and procs.is_main and n_steps:
+        from rich.progress import Progress
+
+        progress = Progress(transient=True)
+        progress.start()
+        task = progress.add_task(f"eval {dataset.name}/{dataset.split}", total=n_steps)
+    try:
+        for step in range(n_steps):
+            chunk = mine[step * batch_size:(step + 1) * batch_size]
+            local: list[dict] = []
+            if chunk:
+                t0 = time.perf_counter()
+                recs, imgs = dataset.batch(chunk)
+                for qid in {ids[i] for i in chunk} - {r["id"] for r in recs}:
+                    local.append({"qid": qid, "error": dataset.image_errors.get(qid, "image failed")})
+                if recs:
+                    inputs = _to_device(make_eval_batch(processor, recs, imgs), device, dtype)
+                    preds = generate_answers(reduced, processor, inputs, max_new_tokens)
+                    local += [{"qid": r["id"], "prediction": p} for r, p in zip(recs, preds)]
+                _sync(device)
+                t_gen += time.perf_counter() - t0
+                n_new += len(recs)
+            gathered = procs.gather(local)
+            fresh = []
+            for a in gathered:
+                if "error" in a:
+                    errors[a["qid"]] = a["error"]
+                elif a["qid"] not in answers:  # de-duplicate by question id
+                    answers[a["qid"]] = a["prediction"]
+                    fresh.append(a)
+            if procs.is_main and cache is not None:
+                _append_cache(cache, key, fresh)
+            if progress is not None:
+                progress.advance(task)
+    finally:
+        if progress is not None:
+            progress.stop()
+
+    # -- gather the measurements
+    lat_all = procs.gather(lat)
+    speed = procs.gather([(n_new, t_gen)])
+    mem, mem_kind = peak_memory_mb(device)
+    mems = procs.gather([mem])
+
+    results = None
+    if procs.is_main:
+        results = _summarise(model, processor, plan, plan_dict, dataset, answers, errors, metric, vqa_mode,
+                             batch_size, max_new_tokens, lat_all, speed, max(mems), mem_kind, device,
+                             procs.world, len(done), model_id)
+        if extra:
+            results.update(extra)
+        if out_dir is not None:
+            from .io import atomic_write_json
+
+            atomic_write_json(out_dir / RESULTS_NAME, results)
+        if show:
+            print_results(results)
+    return procs.broadcast(results)
+
+
+def _summarise(model, processor, plan, plan_dict, dataset, answers, errors, metric, vqa_mode, batch_size,
+               max_new_tokens, lat_all, speed, peak_mb, mem_kind, device, world, n_cached, model_id) -> dict:
+    scores: list[float] = []
+    per_type: dict[str, list[float]] = {}
+    text_total, text_n = 0, 0
+    for s in range(0, len(dataset), SCORE_CHUNK):
+        recs = dataset.records(range(s, min(s + SCORE_CHUNK, len(dataset))))
+        lens = prompt_text_lengths(processor, recs)
+        for rec, n_text in zip(recs, lens):
+            if rec["id"] not in answers:
+                continue
+            sc = score(answers[rec["id"]], rec, metric, vqa_mode)
+            scores.append(sc)
+            per_type.setdefault(rec["type"] or "all", []).append(sc)
+            text_total, text_n = text_total + n_text, text_n + 1
+    n_visual, grid = visual_token_count(model.config)
+    n_text = text_total / text_n if text_n else 0.0
+    cost = plan_cost(model, plan, n_visual, n_text)
+    per_layer = [int(x) if float(x).is_integer() else float(x) for x in cost["visual_tokens_per_layer"]]
+    batch_ms = [t for t, _ in lat_all]
+    n_new = sum(n for n, _ in speed)
+    wall = max((t for _, t in speed), default=0.0)
+    return {
+        "accuracy": sum(scores) / len(scores) if scores else 0.0,
+        "n": len(scores),
+        "n_questions": len(dataset),
+        "per_type": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(per_type.items())},
+        "flops_ratio": float(cost["flops_ratio"]),
+        # DESIGN section 4: tokens entering the LLM (first layer) and the layer average, both named.
+        "visual_tokens": {
+            "image": n_visual,
+            "llm_input": per_layer[0] if per_layer else n_visual,
+            "per_layer": per_layer,
+            "avg": float(cost["avg_visual_tokens"]),
+            "grid": list(grid),
+        },
+        "mean_text_tokens": n_text,
+        "cost": {k: v for k, v in cost.items() if k not in ("flops_ratio", "visual_tokens_per_layer")},
+        "latency": {
+            "prefill_ms_per_batch": statistics.median(batch_ms) if batch_ms else None,
+            "prefill_ms_per_sample": statistics.median(t / b for t, b in lat_all) if lat_all else None,
+            "batch_size": batch_size,
+            "batches_timed": len(batch_ms),
+            "warmup_batches": 1,
+            "device": str(device),
+        },
+        "throughput": {
+            "samples_per_s": n_new / wall if n_new and wall > 0 else None,
+            "generated": n_new,
+            "cached": n_cached,
+            "processes": world,
+        },
+        "peak_memory_mb": peak_mb,
+        "peak_memory_kind": mem_kind,
+        "image_errors": {"count": len(errors), "examples": dict(sorted(errors.items())[:20])},
+        "model": model_id,
+        "dataset": dataset.name,
+        "dataset_path": dataset.path,
+        "split": dataset.split,
+        "metric": metric if metric == "gqa" else f"vqa/{vqa_mode}",
+        "max_new_tokens": max_new_tokens,
+        "plan": plan_dict,
+    }
+
+
+def print_results(results: dict) -> None:
+    """A rich table of the headline numbers and the per-type accuracy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(x, spec=".2f"):
+        return "-" if x is None else format(x, spec)
+
+    lat, vt = results["latency"], results["visual_tokens"]
+    plan = results.get("plan") or {}
+    t = Table(title=f"diffopsearch eval: {results['model']} on {results['dataset']}/{results['split']}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("plan", str(plan.get("method") or ("none" if not plan else "custom")))
+    t.add_row(f"accuracy ({results['metric']})", f"{100 * results['accuracy']:.2f}%")
+    t.add_row("questions scored", f"{results['n']} / {results['n_questions']}")
+    if results["image_errors"]["count"]:
+        t.add_row("skipped (image errors)", str(results["image_errors"]["count"]))
+    t.add_row("FLOPs ratio", f"{results['flops_ratio']:.3f}")
+    t.add_row("visual tokens (LLM input / layer avg)", f"{vt['llm_input']} / {vt['avg']:.1f}")
+    t.add_row(f"prefill ms / batch (bs {lat['batch_size']})", fmt(lat["prefill_ms_per_batch"]))
+    t.add_row("prefill ms / sample", fmt(lat["prefill_ms_per_sample"]))
+    t.add_row("throughput (samples/s)", fmt(results["throughput"]["samples_per_s"]))
+    t.add_row("peak memory (MB)", f"{results['peak_memory_mb']:.0f}")
+    console = Console()
+    console.print(t)
+    if results["per_type"]:
+        pt = Table(title="accuracy per type")
+        pt.add_column("type")
+        pt.add_column("n", justify="right")
+        pt.add_column("accuracy", justify="right")
+        for k, v in results["per_type"].items():
+            pt.add_row(k, str(v["n"]), f"{100 * v['accuracy']:.2f}%")
+        console.print(pt)
+
+
+# ---------------------------------------------------------------- the command
+
+def _get(cfg, key, default=None):
+    try:
+        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    except Exception:
+        return default
+    return default if value is None else value
+
+
+def find_plan_file(ckpt: str) -> Path:
+    """``ckpt`` is a plan.json or a run directory holding one (searched one level down too, for a
+    search run whose plan sits in a sub-folder)."""
+    p = Path(ckpt).expanduser()
+    if not p.exists():
+        raise UserError(f"ckpt {ckpt!r} does not exist: give a plan.json file or a search run directory "
+                        "that holds one.")
+    if p.is_file():
+        return p
+    direct = p / "plan.json"
+    if direct.is_file():
+        return direct
+    below = sorted(p.glob("*/plan.json"))
+    if len(below) == 1:
+        return below[0]
+    if below:
+        raise UserError(f"ckpt {ckpt!r} holds several plans ({', '.join(str(b) for b in below[:5])}): "
+                        "point ckpt at one plan.json.")
+    raise UserError(f"ckpt {ckpt!r} is a directory without a plan.json: point it at a finished search run "
+                    "(its plan.json is written when the search ends) or at a plan file.")
+
+
+def plan_source(cfg) -> Path | None:
+    """Check ``cfg.ckpt`` / ``cfg.plan`` before anything heavy is loaded; the plan file or None."""
+    ckpt = _get(cfg, "ckpt")
+    name = _get(_get(cfg, "plan", {}) or {}, "name", "none")
+    if not ckpt:
+        return None
+    if name != "none":
+        raise UserError(f"both ckpt={ckpt!r} and plan={name!r} were given: evaluate either a searched plan "
+                        "(ckpt=...) or a baseline (plan=... budget=...), not both.")
+    return find_plan_file(str(ckpt))
+
+
+def resolve_plan(cfg, model, n_text: float):
+    """The plan to evaluate: ``cfg.ckpt`` (a plan file / run dir), else ``cfg.plan.name`` at
+    ``cfg.budget`` from the baselines (``none`` = the unreduced model through the same forward)."""
+    plan_file = plan_source(cfg)
+    if plan_file is not None:
+        from .plan import load_plan
+
+        plan = load_plan(str(plan_file))
+        plan.validate_for(model.config)
+        return plan
+    from .baselines import make_plan
+
+    plan_cfg = _get(cfg, "plan", {}) or {}
+    n_visual, grid = visual_token_count(model.config)
+    return make_plan(_get(plan_cfg, "name", "none"), float(_get(cfg, "budget", 1.0)), model.config.text_config,
+                     n_visual, grid, n_text, layer=_get(plan_cfg, "layer"), seed=int(_get(plan_cfg, "seed", 0)))
+
+
+def output_dir(out_dir=None) -> Path:
+    """Hydra's run directory inside a Hydra app, else ``out_dir``, else the working directory."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir)
+    except ImportError:
+        pass
+    return Path(out_dir) if out_dir is not None else Path.cwd()
+
+
+def make_accelerator(model_cfg=None):
+    """The Accelerator of an eval. On a machine without CUDA it must be told ``cpu=True``: otherwise,
+    started by torchrun / ``accelerate launch --multi_gpu``, every process believes it is alone
+    (DistributedType.NO) and each one evaluates everything."""
+    import torch
+    from accelerate import Accelerator
+
+    cpu = _get(model_cfg, "device", "auto") == "cpu" or not torch.cuda.is_available()
+    acc = Accelerator(cpu=cpu)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and acc.num_processes != world:
+        raise UserError(f"{world} processes were launched but Accelerate set up {acc.num_processes}: start "
+                        "multi-process evaluation with `accelerate launch --multi_gpu --num_processes N` "
+                        "(on CPU too) or torchrun.")
+    return acc
+
+
+def run(cfg, out_dir=None, accelerator=None) -> dict:
+    """The body of ``diffopsearch eval``. Reads ``cfg.model`` (via load_backbone), ``cfg.dataset``
+    (name, path, questions_config, images_config, split, metric, vqa_mode), ``cfg.ckpt``,
+    ``cfg.plan`` (name, layer, seed), ``cfg.budget``, ``cfg.limit``, ``cfg.batch_size``,
+    ``cfg.max_new_tokens``, ``cfg.seed``. Writes results.json (and answers.jsonl) in the run dir."""
+    import torch
+
+    from .backbone.load import load_backbone
+    from .data.datasets import load_from_config
+
+    limit = _get(cfg, "limit")
+    if limit is not None and int(limit) <= 0:
+        raise UserError(f"limit={limit!r} is not valid: give a positive number of questions (the first N of the "
+                        "split), or leave it out for all of them.")
+    plan_source(cfg)  # a bad ckpt fails before anything is loaded
+    torch.manual_seed(int(_get(cfg, "seed", 0)))
+    accelerator = accelerator or make_accelerator(cfg.model)
+    multi = accelerator.num_processes > 1
+    # The data first: a bad path or column fails in seconds, before a 7B model is loaded.
+    dataset = load_from_config(cfg.dataset, limit=None if limit is None else int(limit))
+    model, processor = load_backbone(cfg.model, device=accelerator.device if multi else None)
+    n_text = mean_prompt_text_tokens(processor, dataset)
+    plan = resolve_plan(cfg, model, n_text)
+    ds_cfg = cfg.dataset
+    model_name = str(_get(cfg.model, "name", "model"))
+    path = _get(cfg.model, "path", "")
+    results = evaluate(
+        model, processor, plan, dataset,
+        batch_size=int(_get(cfg, "batch_size", 16)), max_new_tokens=int(_get(cfg, "max_new_tokens", 16)),
+        accelerator=accelerator, out_dir=output_dir(out_dir),
+        metric=_get(ds_cfg, "metric") or None, vqa_mode=_get(ds_cfg, "vqa_mode", "official"),
+        model_name=f"{model_name}:{path}" if path else model_name,
+        extra={"budget": float(_get(cfg, "budget", 1.0)), "ckpt": _get(cfg, "ckpt"),
+               "limit": None if limit is None else int(limit)},
+    )
+    return results

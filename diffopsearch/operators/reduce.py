@@ -1,0 +1,405 @@
+"""The five-knob reduction operator of DESIGN section 2, hard and soft. Pure batched tensor maths.
+
+Inputs at a site (the visual segment only): x (B, n, d) hidden states, keys (B, n, c) the
+similarity metric (patch/llava.py passes the previous layer's keys averaged over kv heads, as ToMe
+does, and the hidden states at layer 0; may be None when nothing needs a similarity), scores (B, n) importance (higher = more important; None for
+grid / bipartite), pos (B, n) long original position ids (increasing), coords (B, n, 2) float grid
+(row, col), sizes (B, n) how many original tokens each token stands for (None = ones).
+
+Anchor rules (``Site.anchors``), each keeping exactly ``keep`` tokens:
+
+- ``topk``: the ``keep`` best scores (ties: lower index first).
+- ``grid``: a regular gr x gc grid of cells over the incoming token grid (gr * gc = keep, the
+  factorisation closest to the grid's aspect, see :func:`grid_shape`; rows/cols split into
+  near-equal bands). Each cell is represented by its first token in raster order (its position id);
+  the output coordinate, and the coordinate used by the locality term, is the cell centre, so with
+  large locality every token goes to its own cell: keep = n/4 on an even grid is exactly 2x2
+  average pooling. Needs the incoming tokens to form a full grid.
+- ``bipartite``: ToMe's bipartite soft matching (operators/tome.py), r = n - keep <= n // 2;
+  sharpness / locality are unused.
+- ``iqr`` (PruMerge / PruMerge+): tokens whose score is an upper outlier (> Q3 + 1.5 IQR, the
+  PruMerge rule) are kept first; when there are fewer outliers than ``keep``, the remaining slots
+  are filled with tokens sampled evenly in raster order among the non-outliers (PruMerge+'s
+  spatial sampling), so a fixed budget still gives a fixed count; with more outliers than ``keep``
+  the best-scoring outliers are kept.
+- ``dominant`` (VisionZip): ``keep - c`` dominant tokens by score plus c = round(keep * 5 / 32)
+  contextual tokens (VisionZip's 54+10 / 108+20 / 162+30 split), taken every ``R // c``-th among
+  the R remaining tokens in raster order; dropped tokens merge only into contextual tokens.
+
+Merge: a dropped token j is shared among the receiving anchors i by
+``P_ij = softmax_i(beta * cos(key_j, key_i) - lambda * |c_j - c_i|^2)`` (beta = inf: most similar
+anchor; lambda = inf: nearest anchor, it wins if both are inf; both 0: evenly). Output
+``y_i = (s_i V_i + mu sum_j P_ij s_j V_j) / (s_i + mu sum_j P_ij s_j)``, new size
+``s_i + mu sum_j P_ij s_j`` (size-weighted, so stacked merges stay true averages; with all sizes 1
+this is DESIGN's formula). Reweight: the key bias ``rho * log(size)`` (:func:`key_bias`,
+``Reduced.bias``), which the forward adds to these tokens' attention logits in all later layers;
+stacked sites' biases add up (patch/llava.py).
+
+Soft mode (the search, DESIGN section 3) keeps all n tokens; see :func:`soft_reduce`.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import ANCHORS, NEEDS_SCORE, SOFT_ANCHORS, contextual_count, grid_shape, tome  # noqa: F401
+_TINY = 1e-30  # floor inside log(anchor weight): a non-anchor gets weight e^-69, i.e. none
+
+
+class Reduced(NamedTuple):
+    x: torch.Tensor       # (B, k, d)
+    pos: torch.Tensor     # (B, k) long, increasing
+    coords: torch.Tensor  # (B, k, 2)
+    sizes: torch.Tensor   # (B, k)
+    index: torch.Tensor   # (B, k) long: each output's anchor token in the input
+    bias: torch.Tensor    # (B, k) additive key bias for later layers: reweight * log(sizes)
+
+
+class SoftReduced(NamedTuple):
+    x: torch.Tensor         # (B, n, d) hidden states with merge flows mixed into anchors
+    log_mask: torch.Tensor  # (B, n) this site's own log keep-mask log(m + eps)
+    sizes: torch.Tensor     # (B, n) token sizes after this site
+    bias: torch.Tensor      # (B, n) this site's key bias: log_mask + rho * log(sizes)
+    mask: torch.Tensor      # (B, n) this site's keep mask m in [0, 1]
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _isinf(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return bool(torch.isinf(v).any())
+    return math.isinf(float(v))
+
+
+def _iszero(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.requires_grad and float(v) == 0.0
+    return float(v) == 0.0
+
+
+def key_bias(log_mask: torch.Tensor | None, sizes: torch.Tensor, reweight) -> torch.Tensor:
+    """Additive attention-logit bias on visual keys: ``log_mask + reweight * log(sizes)``."""
+    bias = reweight * torch.log(sizes.float().clamp_min(1e-12))
+    return bias if log_mask is None else log_mask + bias
+
+
+def descending_ranks(scores: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank of each token, 0 = best score; ties by lower index; tokens with ``alive`` False rank
+    after all alive ones. Ranks are hard (not differentiable); only masks built on them are soft."""
+    order = torch.argsort(scores.float(), dim=1, descending=True, stable=True)
+    if alive is not None:
+        dead_sorted = (~alive).gather(1, order).to(torch.int8)
+        order = order.gather(1, torch.argsort(dead_sorted, dim=1, stable=True))
+    ar = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ar)
+
+
+def topk_mask(scores: torch.Tensor, k) -> torch.Tensor:
+    """(B, n) bool: the k best scores per sample (k int or (B,) tensor), ties by lower index."""
+    ranks = descending_ranks(scores)
+    k = k[:, None] if isinstance(k, torch.Tensor) else k
+    return ranks < k
+
+
+def _mask_to_index(mask: torch.Tensor, k: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the k True entries per row, in increasing position order."""
+    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
+    key = idx if pos is None else pos.gather(1, idx)
+    return idx.gather(1, key.argsort(dim=1))
+
+
+def _grid_layout(coords: torch.Tensor):
+    """Row/col rank of every token on the incoming grid, plus the sorted distinct row and col
+    values. All samples must share one full grid (true for the input and after grid sites)."""
+    rows = torch.unique(coords[0, :, 0], sorted=True)
+    cols = torch.unique(coords[0, :, 1], sorted=True)
+    n = coords.shape[1]
+    if rows.numel() * cols.numel() != n:
+        raise ValueError(f"grid anchors need the incoming tokens to form a full grid; got {n} tokens "
+                         f"on {rows.numel()} rows x {cols.numel()} cols")
+    rr = torch.searchsorted(rows, coords[..., 0].contiguous())
+    cr = torch.searchsorted(cols, coords[..., 1].contiguous())
+    return rr, cr, rows, cols
+
+
+# ----------------------------------------------------------------------------- anchor rules
+
+class Anchors(NamedTuple):
+    index: torch.Tensor    # (B, k) anchor token indices, increasing position
+    receive: torch.Tensor  # (B, k) bool: anchor accepts merged mass
+    coords: torch.Tensor   # (B, k, 2) output / locality coordinate of each anchor
+
+
+def topk_anchors(scores, pos, coords, k) -> Anchors:
+    idx = _mask_to_index(topk_mask(scores, k), k, pos)
+    return Anchors(idx, torch.ones_like(idx, dtype=torch.bool), _gather_coords(coords, idx))
+
+
+def grid_anchors(pos, coords, k) -> Anchors:
+    rr, cr, rows, cols = _grid_layout(coords)
+    H, W = rows.numel(), cols.numel()
+    shape = grid_shape(k, H, W)
+    if shape is None:
+        raise ValueError(f"keep={k} is not a gr x gc grid on a {H} x {W} token grid")
+    gr, gc = shape
+    rband, cband = rr * gr // H, cr * gc // W
+    cell = rband * gc + cband
+    # Cell centres from the distinct row/col values, so equal cells get bit-identical centres.
+    # (Bands differ in size by at most one, so every token is strictly nearest its own centre.)
+    row_c, col_c = _band_centres(rows, gr), _band_centres(cols, gc)
+    # Representative = first token (smallest position) of each cell.
+    big = int(pos.max()) + 1
+    order = torch.argsort(cell * big + pos, dim=1)
+    cs = cell.gather(1, order)
+    first = torch.ones_like(cs, dtype=torch.bool)
+    first[:, 1:] = cs[:, 1:] != cs[:, :-1]
+    idx = _mask_to_index(torch.zeros_like(first).scatter(1, order, first), k, pos)
+    ic = cell.gather(1, idx)
+    acoords = torch.stack([row_c[ic // gc], col_c[ic % gc]], dim=-1).to(coords.dtype)
+    return Anchors(idx, torch.ones_like(idx, dtype=torch.bool), acoords)
+
+
+def _band_centres(values: torch.Tensor, g: int) -> torch.Tensor:
+    """Mean of the sorted distinct ``values`` in each of g near-equal consecutive bands."""
+    band = torch.arange(values.numel(), device=values.device) * g // values.numel()
+    sums = torch.zeros(g, dtype=values.dtype, device=values.device).index_add_(0, band, values)
+    counts = torch.zeros(g, dtype=values.dtype, device=values.device).index_add_(0, band, torch.ones_like(values))
+    return sums / counts
+
+
+def _even_fill(candidate: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Pick m (B,) of the ``candidate`` tokens evenly spaced in raster order: the t-th candidate
+    (of R) is picked when floor((t+1) m / R) > floor(t m / R), which picks exactly m."""
+    t = candidate.long().cumsum(1) - 1
+    R = candidate.long().sum(1, keepdim=True).clamp_min(1)
+    m = m[:, None]
+    return candidate & (((t + 1) * m) // R > (t * m) // R)
+
+
+def iqr_anchors(scores, pos, coords, k) -> Anchors:
+    s = scores.float()
+    q = torch.quantile(s, torch.tensor([0.25, 0.75], device=s.device), dim=1)  # numpy's linear rule
+    upper = q[1] + 1.5 * (q[1] - q[0])
+    out = s > upper[:, None]
+    n_out = out.sum(1)
+    fill = _even_fill(~out, (k - n_out).clamp_min(0))
+    chosen = torch.where((n_out >= k)[:, None], topk_mask(s, k), out | fill)
+    idx = _mask_to_index(chosen, k, pos)
+    return Anchors(idx, torch.ones_like(idx, dtype=torch.bool), _gather_coords(coords, idx))
+
+
+def dominant_anchors(scores, pos, coords, k) -> Anchors:
+    n = scores.shape[1]
+    c = contextual_count(k)
+    dom = topk_mask(scores, k - c)
+    rest = ~dom
+    if c > 0:
+        step = max(1, (n - (k - c)) // c)
+        t = rest.long().cumsum(1) - 1
+        target = rest & (t % step == 0) & (t // step < c)
+    else:
+        target = torch.zeros_like(dom)
+    idx = _mask_to_index(dom | target, k, pos)
+    return Anchors(idx, target.gather(1, idx), _gather_coords(coords, idx))
+
+
+def _gather_coords(coords, idx):
+    return coords.gather(1, idx[..., None].expand(-1, -1, coords.shape[-1]))
+
+
+def select_anchors(anchors: str, scores, pos, coords, k) -> Anchors:
+    if anchors in NEEDS_SCORE and scores is None:
+        raise ValueError(f"anchors={anchors!r} needs scores")
+    if anchors == "topk":
+        return topk_anchors(scores, pos, coords, k)
+    if anchors == "grid":
+        return grid_anchors(pos, coords, k)
+    if anchors == "iqr":
+        return iqr_anchors(scores, pos, coords, k)
+    if anchors == "dominant":
+        return dominant_anchors(scores, pos, coords, k)
+    raise ValueError(f"unknown anchors {anchors!r}; allowed: {', '.join(ANCHORS)}")
+
+
+# ----------------------------------------------------------------------------- merge weights
+
+def _normalize(k):
+    k = k.float()
+    return k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def assignment(keys_src, keys_anc, c_src, c_anc, sharpness, locality, anc_logw=None,
+               allowed=None, exclude_self=False) -> torch.Tensor:
+    """P (B, m, k): how each of m source tokens is shared among k anchors,
+    softmax_i(beta cos(key_j, key_i) - lambda |c_j - c_i|^2 + anc_logw_i) over allowed anchors.
+    Infinite sharpness / locality give the one-hot argmax (locality wins if both are inf)."""
+    B, m, k = c_src.shape[0], c_src.shape[1], c_anc.shape[1]
+    hard_loc, hard_sim = _isinf(locality), _isinf(sharpness)
+    logits = torch.zeros(B, m, k, device=c_src.device)
+    if hard_loc or not _iszero(locality):
+        d2 = (c_src.float()[:, :, None, :] - c_anc.float()[:, None, :, :]).pow(2).sum(-1)
+        logits = -d2 if hard_loc else logits - locality * d2
+    if not hard_loc and (hard_sim or not _iszero(sharpness)):
+        if keys_src is None or keys_anc is None:
+            raise ValueError("sharpness > 0 needs keys")
+        cos = _normalize(keys_src) @ _normalize(keys_anc).transpose(-1, -2)
+        logits = cos if hard_sim else logits + sharpness * cos
+    hard = hard_loc or hard_sim
+    if allowed is None:
+        allowed = torch.ones(B, 1, k, dtype=torch.bool, device=logits.device)
+    elif allowed.dim() == 2:
+        allowed = allowed[:, None, :]
+    if exclude_self:
+        allowed = allowed & ~torch.eye(m, k, dtype=torch.bool, device=logits.device)
+    if anc_logw is not None and not hard:
+        logits = logits + anc_logw[:, None, :]
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    if hard:
+        return torch.nn.functional.one_hot(logits.argmax(-1), k).to(logits.dtype) * allowed.any(-1, keepdim=True)
+    p = logits.softmax(-1)
+    return torch.nan_to_num(p, nan=0.0)  # a source with no allowed anchor flows nowhere
+
+
+# ----------------------------------------------------------------------------- hard mode
+
+def hard_reduce(x, keys, scores, pos, coords, sizes, site) -> Reduced:
+    """Apply one site for real: returns exactly ``site.keep`` tokens per sample, in original
+    position order. ``site`` needs .keep .anchors .merge .sharpness .locality .reweight."""
+    B, n, d = x.shape
+    k = int(site.keep)
+    if sizes is None:
+        sizes = torch.ones(B, n, device=x.device, dtype=torch.float32)
+    coords = coords.to(torch.float32)
+    if k > n or k < 1:
+        raise ValueError(f"keep={k} with {n} incoming tokens")
+    if k == n:  # nothing dropped, nothing merged: a no-op (cost model counts it as free)
+        idx = torch.arange(n, device=x.device).expand(B, n)
+        return Reduced(x, pos, coords, sizes, idx, key_bias(None, sizes, site.reweight))
+    if site.anchors == "bipartite":
+        r = n - k
+        if r > tome.max_merge(n):
+            raise ValueError(f"bipartite merging removes at most {tome.max_merge(n)} of {n} tokens; keep={k}")
+        if keys is None:
+            raise ValueError("bipartite anchors need keys")
+        y, s, p, c, idx = tome.bipartite_merge(x.float(), keys, sizes.float(), pos, coords, r, float(site.merge))
+        return Reduced(y.to(x.dtype), p, c, s, idx, key_bias(None, s, site.reweight))
+    anc = select_anchors(site.anchors, scores, pos, coords, k)
+    idx = anc.index
+    xa = x.gather(1, idx[..., None].expand(-1, -1, d))
+    sa = sizes.gather(1, idx).float()
+    mu = float(site.merge)
+    if mu > 0 and bool(anc.receive.any()):
+        is_anchor = torch.zeros(B, n, dtype=torch.bool, device=x.device).scatter(1, idx, True)
+        drop = torch.argsort(is_anchor.to(torch.int8), dim=1, stable=True)[:, : n - k]
+        xd = x.gather(1, drop[..., None].expand(-1, -1, d)).float()
+        sd = sizes.gather(1, drop).float()
+        kd = None if keys is None else keys.gather(1, drop[..., None].expand(-1, -1, keys.shape[-1]))
+        ka = None if keys is None else keys.gather(1, idx[..., None].expand(-1, -1, keys.shape[-1]))
+        P = assignment(kd, ka, _gather_coords(coords, drop), anc.coords, site.sharpness, site.locality,
+                       allowed=anc.receive)  # (B, n-k, k)
+        Pw = P * sd[..., None]
+        flow = mu * Pw.sum(1)                                   # (B, k)
+        num = sa[..., None] * xa.float() + mu * (Pw.transpose(1, 2) @ xd)
+        sa = sa + flow
+        xa = (num / sa[..., None]).to(x.dtype)
+    return Reduced(xa, pos.gather(1, idx), anc.coords, sa, idx, key_bias(None, sa, site.reweight))
+
+
+# ----------------------------------------------------------------------------- soft mode
+
+def soft_keep_mask(ranks: torch.Tensor, q: torch.Tensor, counts: torch.Tensor, tau) -> torch.Tensor:
+    """DiffRate-style keep mask: m_r = sum_k q_k * step(K_k - r), a soft step
+    ``sigmoid((K_k - r - 1/2) / tau)`` that is the hard 1[r < K_k] as tau -> 0 (tau = 0 is exact).
+    ranks (B, n), q (L,) or (B, L), counts (L,) or (B, L) -> (B, n). Linear in q, and
+    differentiable in counts (so in expected counts from earlier sites) while tau > 0."""
+    counts = torch.as_tensor(counts, dtype=torch.float32, device=ranks.device)
+    q = torch.as_tensor(q, device=ranks.device).float()
+    if q.dim() == 1:
+        q = q[None]
+    if counts.dim() == 1:
+        counts = counts[None]
+    z = counts[:, None, :] - ranks[..., None].float() - 0.5    # (B|1, n, L)
+    step = (z > 0).float() if float(tau) == 0.0 else torch.sigmoid(z / tau)
+    return (step * q[:, None, :]).sum(-1)
+
+
+def expected_keep(q: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """E[k] = sum_k q_k K_k: what the cost model sees during the search."""
+    counts = torch.as_tensor(counts, dtype=torch.float32, device=q.device)
+    return (q.float() * counts).sum(-1)
+
+
+def _soft_flow(x, sizes, keys, c_src, c_anc, a, w, merge, sharpness, locality):
+    """All-n flows: source j gives mass w_j, shared over anchors i with weight a_i (soft), no
+    self-flow. Returns (y, new sizes)."""
+    if _iszero(merge):
+        return x, sizes
+    hard = _isinf(sharpness) or _isinf(locality)
+    allowed = (a >= 0.5) if hard else None
+    P = assignment(keys, keys, c_src, c_anc, sharpness, locality,
+                   anc_logw=torch.log(a.float() + _TINY), allowed=allowed, exclude_self=True)  # (B, j, i)
+    Pw = P * (w * sizes)[..., None]
+    flow = merge * Pw.sum(1)                                          # (B, n)
+    num = sizes[..., None] * x.float() + merge * (Pw.transpose(1, 2) @ x.float())
+    new_sizes = sizes + flow
+    return (num / new_sizes[..., None]).to(x.dtype), new_sizes
+
+
+def soft_reduce(x, keys, scores, coords, sizes, q, counts, *, anchors="topk", merge=0.0,
+                sharpness=0.0, locality=0.0, reweight=0.0, tau=1.0, log_mask=None,
+                eps=1e-6) -> SoftReduced:
+    """Relaxed site for the search: no token is removed.
+
+    q: (L,) or (B, L) keep distribution over a ladder of absolute keep counts ``counts`` (L,).
+    ``topk``: tokens are ranked by score (hard ranks; tokens already dropped by earlier sites,
+    i.e. incoming mask < 1/2, rank last) and get the soft mask m_r = sum_{K > r} q_K
+    (:func:`soft_keep_mask`, temperature tau). Dropped mass (1 - m_j) * m_in_j of token j flows
+    into the soft anchors i with weight m_i * m_in_i through P (knobs as in hard mode) and is mixed
+    in size-weighted. ``grid``: each ladder count K (must be a valid grid keep) gives its own
+    anchor set; the result is the q-weighted mixture of the per-K merges and m_j = sum_K q_K
+    1[j anchors grid K]. Knobs may be floats or 0-d tensors: the result is differentiable in
+    merge, sharpness, locality, reweight (through ``bias``) and q; infinite knobs give hard
+    assignments. ``log_mask`` in: the sum of earlier sites' log masks (SiteContext.log_mask).
+    Returns this site's own log_mask = log(m + eps) and bias = log_mask + reweight * log(sizes)
+    (SoftOut's fields; the forward sums sites' biases). As tau -> 0 with a one-hot q this is
+    :func:`hard_reduce` with the kept tokens in place and the dropped ones at log(eps).
+    """
+    B, n, d = x.shape
+    sizes = torch.ones(B, n, device=x.device) if sizes is None else sizes.float()
+    coords = coords.float()
+    m_in = torch.ones(B, n, device=x.device) if log_mask is None else log_mask.float().exp().clamp(max=1.0)
+    if anchors == "topk":
+        if scores is None:
+            raise ValueError("topk anchors need scores")
+        alive = None if log_mask is None else m_in > 0.5
+        m = soft_keep_mask(descending_ranks(scores, alive), q, counts, tau)
+        y, s = _soft_flow(x, sizes, keys, coords, coords, m * m_in, (1 - m) * m_in,
+                          merge, sharpness, locality)
+    elif anchors == "grid":
+        q = torch.as_tensor(q, device=x.device).float()
+        q = q[None].expand(B, -1) if q.dim() == 1 else q
+        pos = torch.arange(n, device=x.device).expand(B, n)
+        y = torch.zeros(B, n, d, device=x.device)
+        s = torch.zeros(B, n, device=x.device)
+        m = torch.zeros(B, n, device=x.device)
+        for li, K in enumerate(torch.as_tensor(counts).tolist()):  # loop over the ladder, not tokens
+            K = int(round(K))
+            if K >= n:
+                a, c_anc = torch.ones(B, n, device=x.device), coords
+            else:
+                anc = grid_anchors(pos, coords, K)
+                a = torch.zeros(B, n, device=x.device).scatter(1, anc.index, 1.0)
+                c_anc = coords.scatter(1, anc.index[..., None].expand(-1, -1, 2), anc.coords)
+            yk, sk = _soft_flow(x, sizes, keys, coords, c_anc, a * m_in, (1 - a) * m_in,
+                                merge, sharpness, locality)
+            qk = q[:, li]
+            y = y + qk[:, None, None] * yk.float()
+            s = s + qk[:, None] * sk
+            m = m + qk[:, None] * a
+        y = y.to(x.dtype)
+    else:
+        raise ValueError(f"soft mode supports anchors {SOFT_ANCHORS}, not {anchors!r}")
+    lm = torch.log(m + eps)
+    return SoftReduced(y, lm, s, key_bias(lm, s, reweight), m)

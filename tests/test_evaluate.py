@@ -1,0 +1,323 @@
+"""`diffopsearch eval`: results, scoring, resume, image errors, bad input, and 1 vs 2 processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import fixtures as fx  # tests/fixtures.py (pytest puts tests/ on sys.path)
+from diffopsearch import evaluate as ev
+from diffopsearch.data.datasets import load_qa
+from diffopsearch.errors import UserError
+from diffopsearch.metrics import vqa_accuracy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return fx.tiny_model()
+
+
+def _answers(run_dir: Path) -> dict:
+    out = {}
+    for line in open(run_dir / ev.CACHE_NAME):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the torn line of an interrupted run
+            continue
+        out[row["qid"]] = row["prediction"]
+    return out
+
+
+def test_results_json_has_the_promised_fields(tmp_path, tiny):
+    model, proc = tiny
+    ds = load_qa("gqa", str(fx.write_gqa(tmp_path / "GQA", n_images=3, per_image=2, broken=("n1001",))))
+    r = ev.evaluate(model, proc, None, ds, batch_size=2, max_new_tokens=3, out_dir=tmp_path / "run", show=False)
+    on_disk = json.loads((tmp_path / "run" / ev.RESULTS_NAME).read_text())
+    assert on_disk == json.loads(json.dumps(r))
+    assert r["n"] == 4 and r["n_questions"] == 6 and 0.0 <= r["accuracy"] <= 1.0
+    assert r["image_errors"]["count"] == 2 and set(r["image_errors"]["examples"]) == {"20000002", "20000003"}
+    assert "0x" not in r["image_errors"]["examples"]["20000002"]
+    assert sum(v["n"] for v in r["per_type"].values()) == 4 and set(r["per_type"]) <= set(fx.GQA_STRUCTURAL)
+    assert r["flops_ratio"] == 1.0 and r["plan"] is None
+    assert r["visual_tokens"]["llm_input"] == 144 and r["visual_tokens"]["per_layer"] == [144, 144]
+    assert r["visual_tokens"]["avg"] == 144.0 and r["mean_text_tokens"] > 5
+    lat = r["latency"]
+    assert lat["prefill_ms_per_batch"] > 0 and 0 < lat["prefill_ms_per_sample"] <= lat["prefill_ms_per_batch"]
+    assert lat["batch_size"] == 2 and lat["batches_timed"] == 2  # 4 good questions in batches of 2
+    assert r["throughput"]["samples_per_s"] > 0 and r["throughput"]["generated"] == 4
+    assert r["peak_memory_mb"] > 10 and r["peak_memory_kind"] == "process_peak_rss"
+    assert (r["dataset"], r["split"], r["metric"]) == ("gqa", "testdev", "gqa")
+    assert len(_answers(tmp_path / "run")) == 4
+
+
+def test_batched_left_padded_answers_equal_one_by_one(tmp_path, tiny):
+    from diffopsearch.data import world
+
+    model, proc = tiny
+    world.write_world(tmp_path / "w", seed=0, sizes={"test": 4})
+    ds = load_qa("toy", str(tmp_path / "w"))  # questions of different lengths -> real padding
+    for bs in (1, 6):
+        ev.evaluate(model, proc, None, ds, batch_size=bs, max_new_tokens=3, out_dir=tmp_path / f"bs{bs}",
+                    show=False, latency_batches=0)
+    one, six = _answers(tmp_path / "bs1"), _answers(tmp_path / "bs6")
+    assert len(one) == len(ds) and one == six
+    assert len(set(one.values())) > 3  # the answers do depend on the input
+
+
+def _key_of(run_dir: Path) -> str:
+    return json.loads(open(run_dir / ev.CACHE_NAME).readline())["key"]
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = ev.generate_answers
+
+    def wrapped(reduced, processor, inputs, max_new_tokens):
+        out = real(reduced, processor, inputs, max_new_tokens)
+        calls.append(len(out))
+        return out
+
+    monkeypatch.setattr(ev, "generate_answers", wrapped)
+    return calls
+
+
+def test_resume_only_computes_what_is_missing(tmp_path, tiny, monkeypatch):
+    model, proc = tiny
+    ds = load_qa("gqa", str(fx.write_gqa(tmp_path / "GQA", n_images=4, per_image=2)))
+    run = tmp_path / "run"
+    first = ev.evaluate(model, proc, None, ds, batch_size=3, max_new_tokens=3, out_dir=run, show=False)
+    full = _answers(run)
+    lines = (run / ev.CACHE_NAME).read_text().splitlines()
+    # an interrupted run: three answers made it to disk, then a torn line
+    (run / ev.CACHE_NAME).write_text("\n".join(lines[:3]) + '\n{"key": "' + lines[3][9:20])
+    calls = _counting(monkeypatch)
+    again = ev.evaluate(model, proc, None, ds, batch_size=2, max_new_tokens=3, out_dir=run, show=False)
+    assert sum(calls) == 5 and again["throughput"]["generated"] == 5 and again["throughput"]["cached"] == 3
+    assert again["n"] == first["n"] == 8 and again["accuracy"] == first["accuracy"]
+    assert _answers(run) == full and ev.read_cache(run / ev.CACHE_NAME, _key_of(run)) == full
+    calls.clear()
+    ev.evaluate(model, proc, None, ds, batch_size=4, max_new_tokens=3, out_dir=run, show=False)
+    assert sum(calls) == 0  # everything cached
+    ev.evaluate(model, proc, None, ds, batch_size=4, max_new_tokens=2, out_dir=run, show=False)
+    assert sum(calls) == 8  # other settings, other answers
+    calls.clear()
+    ev.evaluate(model, proc, None, ds, batch_size=4, max_new_tokens=2, out_dir=run, show=False, resume=False)
+    assert sum(calls) == 8
+
+
+def _stub_answers(monkeypatch, answer_for):
+    """Replace generation by a function of the question records of the batch."""
+    seen = {}
+
+    def fake_batch_inputs(processor, recs, imgs):
+        seen["recs"] = recs
+        import torch
+
+        return {"input_ids": torch.zeros((len(recs), 1), dtype=torch.long)}
+
+    monkeypatch.setattr("diffopsearch.data.datasets.make_eval_batch", fake_batch_inputs)
+    monkeypatch.setattr(ev, "generate_answers", lambda reduced, processor, inputs, n: [answer_for(r) for r in seen["recs"]])
+
+
+def test_gqa_scoring_and_per_type(tmp_path, tiny, monkeypatch):
+    model, proc = tiny
+    ds = load_qa("gqa", str(fx.write_gqa(tmp_path / "GQA", n_images=5, per_image=2)))
+    _stub_answers(monkeypatch, lambda r: f" {r['answer'].upper()}." if int(r["id"]) % 2 == 0 else "zzz")
+    r = ev.evaluate(model, proc, None, ds, batch_size=3, out_dir=tmp_path / "run", show=False, latency_batches=0)
+    assert r["n"] == 10 and r["accuracy"] == pytest.approx(0.5)
+    # structural types cycle with period 5 over 10 questions: each type has one even and one odd id
+    assert r["per_type"] == {t: {"accuracy": 0.5, "n": 2} for t in sorted(fx.GQA_STRUCTURAL)}
+    assert r["latency"]["batches_timed"] == 0 and r["latency"]["prefill_ms_per_batch"] is None
+
+
+@pytest.mark.parametrize("mode", ["official", "lmms"])
+def test_vqav2_scoring(tmp_path, tiny, monkeypatch, mode):
+    model, proc = tiny
+    ds = load_qa("vqav2", str(fx.write_vqav2(tmp_path / "VQAv2", n=6)))
+    _stub_answers(monkeypatch, lambda r: "two")
+    r = ev.evaluate(model, proc, None, ds, batch_size=4, out_dir=tmp_path / "run", show=False, vqa_mode=mode,
+                    latency_batches=0)
+    expected = [vqa_accuracy("two", answers, mode) for _, answers in fx.VQA_CASES]
+    assert r["n"] == 6 and r["accuracy"] == pytest.approx(sum(expected) / 6) and r["accuracy"] > 0
+    assert r["metric"] == f"vqa/{mode}" and set(r["per_type"]) == {"yes/no", "number", "other"}
+    assert r["per_type"]["number"]["accuracy"] == pytest.approx((expected[1] + expected[5]) / 2)
+
+
+class _FakePlan:
+    sites: list = []
+
+    def to_dict(self):
+        return {"format": "diffopsearch.plan/1", "method": "fake", "sites": [], "budget": 1.0}
+
+
+def test_a_plan_goes_through_apply_plan_and_has_its_own_cache_key(tmp_path, tiny, monkeypatch):
+    model, proc = tiny
+    applied = []
+    fake = types.ModuleType("diffopsearch.patch.llava")
+    fake.apply_plan = lambda m, p: applied.append(p) or m
+    monkeypatch.setitem(sys.modules, "diffopsearch.patch.llava", fake)
+    monkeypatch.setattr(ev, "plan_cost", lambda model, plan, n_visual, n_text: {
+        "flops_ratio": 0.5, "visual_tokens_per_layer": [96, 72], "avg_visual_tokens": 84.0})
+    ds = load_qa("gqa", str(fx.write_gqa(tmp_path / "GQA", n_images=2, per_image=1)))
+    calls = _counting(monkeypatch)
+    ev.evaluate(model, proc, None, ds, batch_size=2, max_new_tokens=2, out_dir=tmp_path / "run", show=False)
+    plan = _FakePlan()
+    r = ev.evaluate(model, proc, plan, ds, batch_size=2, max_new_tokens=2, out_dir=tmp_path / "run", show=False)
+    assert applied == [plan] and sum(calls) == 4  # the plan's answers are not the unreduced model's
+    assert r["plan"]["method"] == "fake" and r["flops_ratio"] == 0.5
+    assert r["visual_tokens"] == {"image": 144, "llm_input": 96, "per_layer": [96, 72], "avg": 84.0, "grid": [12, 12]}
+    keys = {json.loads(line)["key"] for line in open(tmp_path / "run" / ev.CACHE_NAME)}
+    assert len(keys) == 2
+
+
+# ---------------------------------------------------------------- run(cfg)
+
+def _cfg(data: Path, **over):
+    from omegaconf import OmegaConf
+
+    cfg = {"model": {"name": "toy", "path": "", "device": "cpu", "dtype": "auto"},
+           "dataset": {"name": "gqa", "path": str(data), "questions_config": None, "images_config": None,
+                       "split": "testdev", "metric": "gqa", "vqa_mode": "official"},
+           "plan": {"name": "none", "layer": None, "seed": 0}, "ckpt": None, "budget": 1.0, "limit": None,
+           "batch_size": 2, "max_new_tokens": 2, "seed": 0, "resume": False}
+    for k, v in over.items():
+        cfg[k] = v
+    return OmegaConf.create(cfg)
+
+
+@pytest.fixture
+def patched_backbone(monkeypatch, tiny):
+    import diffopsearch.backbone.load as load
+
+    loaded = []
+    monkeypatch.setattr(load, "load_backbone", lambda model_cfg, device=None: loaded.append(model_cfg) or tiny)
+    return loaded
+
+
+def test_run_writes_results_in_the_out_dir(tmp_path, patched_backbone):
+    data = fx.write_gqa(tmp_path / "GQA", n_images=3, per_image=2)
+    r = ev.run(_cfg(data, limit=4), out_dir=tmp_path / "run")
+    assert patched_backbone and r["n"] == 4 and r["limit"] == 4 and r["model"] == "toy"
+    assert r["plan"]["method"] == "none" and r["plan"]["sites"] == []  # plan=none: same reduced forward, no site
+    assert json.loads((tmp_path / "run" / ev.RESULTS_NAME).read_text())["n"] == 4
+
+
+def test_run_a_baseline_then_its_plan_file(tmp_path, monkeypatch):
+    import diffopsearch.backbone.load as load
+    from diffopsearch.backbone import toy
+    from diffopsearch.plan import load_plan
+
+    deep = (toy.build_model(0, vision={**fx.TINY_VISION, "initializer_range": 0.5},
+                            text={**fx.TINY_TEXT, "num_hidden_layers": 4, "initializer_range": 0.5}),
+            toy.build_processor())
+    monkeypatch.setattr(load, "load_backbone", lambda model_cfg, device=None: deep)
+    data = fx.write_gqa(tmp_path / "GQA", n_images=3, per_image=2)
+    r = ev.run(_cfg(data, plan={"name": "fastv", "layer": None, "seed": 0}, budget=0.8), out_dir=tmp_path / "a")
+    per_layer = r["visual_tokens"]["per_layer"]
+    assert r["plan"]["method"] == "fastv" and r["flops_ratio"] <= 0.8 and r["budget"] == 0.8
+    assert per_layer[:2] == [144, 144] and per_layer[2] == per_layer[3] < 144  # FastV K=2
+    assert r["visual_tokens"]["avg"] == pytest.approx(sum(per_layer) / 4)
+    load_plan(r["plan"]).save(tmp_path / "search" / "plan.json")
+    again = ev.run(_cfg(data, ckpt=str(tmp_path / "search")), out_dir=tmp_path / "b")
+    assert again["flops_ratio"] == pytest.approx(r["flops_ratio"]) and again["ckpt"] == str(tmp_path / "search")
+    assert _answers(tmp_path / "b") == _answers(tmp_path / "a")
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_run_refuses_a_non_positive_limit(tmp_path, limit, patched_backbone):
+    with pytest.raises(UserError, match="limit"):
+        ev.run(_cfg(tmp_path, limit=limit), out_dir=tmp_path / "run")
+    assert not patched_backbone  # refused before anything is loaded
+
+
+def test_ckpt_errors(tmp_path, patched_backbone):
+    data = fx.write_gqa(tmp_path / "GQA", n_images=1, per_image=1)
+    with pytest.raises(UserError, match="does not exist"):
+        ev.run(_cfg(data, ckpt=str(tmp_path / "missing.json")), out_dir=tmp_path / "run")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="without a plan.json"):
+        ev.run(_cfg(data, ckpt=str(tmp_path / "empty")), out_dir=tmp_path / "run")
+    (tmp_path / "both").mkdir()
+    (tmp_path / "both" / "plan.json").write_text("{}")
+    with pytest.raises(UserError, match="not both"):
+        ev.run(_cfg(data, ckpt=str(tmp_path / "both"), plan={"name": "fastv", "layer": None, "seed": 0}),
+               out_dir=tmp_path / "run")
+    assert not patched_backbone  # all refused before the model is loaded
+
+
+def test_find_plan_file(tmp_path):
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "plan.json").write_text("{}")
+    assert ev.find_plan_file(str(tmp_path / "run")) == tmp_path / "run" / "final" / "plan.json"
+    (tmp_path / "run" / "plan.json").write_text("{}")
+    assert ev.find_plan_file(str(tmp_path / "run")) == tmp_path / "run" / "plan.json"
+    assert ev.find_plan_file(str(tmp_path / "run" / "plan.json")) == tmp_path / "run" / "plan.json"
+
+
+# ---------------------------------------------------------------- 1 vs 2 processes
+
+MP_SCRIPT = """
+import json, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import fixtures as fx
+from diffopsearch.data.datasets import load_qa
+from diffopsearch.evaluate import evaluate, make_accelerator
+
+acc = make_accelerator({{"device": "auto"}})  # what `diffopsearch eval` uses
+model, proc = fx.tiny_model()
+ds = load_qa("gqa", sys.argv[1])
+r = evaluate(model, proc, None, ds, batch_size=int(sys.argv[3]), max_new_tokens=1, accelerator=acc,
+             out_dir=sys.argv[2], show=False, latency_batches=1)
+print("RESULT", acc.process_index, json.dumps({{"n": r["n"], "accuracy": r["accuracy"],
+      "errors": r["image_errors"]["count"], "processes": r["throughput"]["processes"]}}))
+print("SHARE", acc.process_index, json.dumps(sorted(ds.image_errors)))  # this process's own image failures
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_n_and_accuracy(tmp_path, tiny):
+    model, proc = tiny
+    # Answers equal to what the model says for half of the questions, so the accuracy is not trivially 0.
+    probe = fx.write_gqa(tmp_path / "probe", n_images=7, per_image=1)
+    ev.evaluate(model, proc, None, load_qa("gqa", str(probe)), batch_size=1, max_new_tokens=1,
+                out_dir=tmp_path / "probe_run", show=False, latency_batches=0)
+    said = _answers(tmp_path / "probe_run")
+    gold = {qid: (said[qid] if i % 2 == 0 else "zzz") for i, qid in enumerate(sorted(said))}
+    data = fx.write_gqa(tmp_path / "GQA", n_images=7, per_image=1, broken=("n1003",), answers=gold)
+    one = ev.evaluate(model, proc, None, load_qa("gqa", str(data)), batch_size=2, max_new_tokens=1,
+                      out_dir=tmp_path / "one", show=False, latency_batches=1)
+    assert one["n"] == 6 and 0.3 < one["accuracy"] < 0.9
+
+    script = tmp_path / "mp_eval.py"
+    script.write_text(MP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous, not a fixed one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # accelerate 1.15: `launch --cpu --num_processes 2` starts ONE process unless mpirun is set up;
+    # `--multi_gpu` starts two through torchrun, and on a machine without CUDA they run on CPU (gloo).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(script), str(data), str(tmp_path / "two"), "2"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(line.split(" ", 2)[2]) for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(lines) == 2 and lines[0] == lines[1]  # every process returns the main process's results
+    shares = sorted(line.split(" ", 2)[1:] for line in out.stdout.splitlines() if line.startswith("SHARE"))
+    # questions are dealt by index (rank r takes r::2): only rank 1 meets the broken image (index 3)
+    assert shares == [["0", "[]"], ["1", '["20000003"]']]
+    two = lines[0]
+    assert two["processes"] == 2 and two["errors"] == 1
+    assert (two["n"], two["accuracy"]) == (one["n"], one["accuracy"])
+    assert _answers(tmp_path / "two") == _answers(tmp_path / "one")
+    assert (tmp_path / "two" / ev.RESULTS_NAME).exists()

@@ -1,0 +1,419 @@
+"""The reduced LLaVA forward (patch/llava.py): hard sites, scores, cached decoding, soft sites, FLOPs.
+
+Every test runs a tiny random LLaVA of the real classes (CLIP 96 px / patch 16 = 6 x 6 = 36 visual
+tokens, a 4-layer GQA Llama) on a left-padded batch, so per-sample offsets differ.
+"""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from diffopsearch.backbone.toy import build_model
+from diffopsearch.patch import llava as P
+from diffopsearch.plan import Plan, Site, backbone_info
+
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+          "image_size": 96, "patch_size": 16}
+TEXT = {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+N_VIS = 36
+
+
+def tiny(impl: str = "sdpa", seed: int = 0):
+    m = build_model(seed, vision=VISION, text=TEXT)
+    if impl != "sdpa":
+        m.set_attn_implementation(impl)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def batch(model, prompt_lens=(5, 2, 8), seed=0):
+    """Left-padded batch: bos, a few words, 36 image tokens, a few words; one image per sample."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    pre = [int(x) for x in torch.randint(5, cfg.text_config.vocab_size, (2,), generator=g)]
+    rows = []
+    for n_words in prompt_lens:
+        words = torch.randint(5, cfg.text_config.vocab_size, (n_words,), generator=g).tolist()
+        rows.append([1] + pre + [cfg.image_token_id] * N_VIS + words)
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), cfg.pad_token_id)
+    am = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = torch.tensor(r)
+        am[b, T - len(r):] = 1
+    pix = torch.randn(len(rows), 3, 96, 96, generator=g)
+    pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+    return dict(input_ids=ids, attention_mask=am, pixel_values=pix), pos
+
+
+def real(inputs, length):
+    """(B, length) True at non-padding positions of a (possibly reduced) left-padded sequence. Padding
+    queries see no key at all: SDPA's boolean and the additive float masks legitimately differ there."""
+    pads = (inputs["attention_mask"] == 0).sum(1, keepdim=True)
+    return torch.arange(length)[None] >= pads
+
+
+def site(layer, keep, score="attn", **knobs):
+    return Site(layer=layer, keep=keep, score=score, **knobs)
+
+
+def reduced(model, sites, seed=0):
+    return P.apply_plan(model, Plan(sites=list(sites), backbone=backbone_info(model.config), seed=seed))
+
+
+def embeddings(model, inputs):
+    """inputs_embeds with image features scattered in, as LlavaModel makes them."""
+    ids = inputs["input_ids"]
+    emb = model.model.get_input_embeddings()(ids)
+    feats = torch.cat(list(model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                           return_dict=True).pooler_output))
+    return emb.masked_scatter((ids == model.config.image_token_id)[..., None], feats)
+
+
+def capture_scores(monkeypatch):
+    """Record the scores every hard site receives."""
+    seen = []
+    real = P.hard_reduce
+
+    def spy(x, keys, scores, pos, coords, sizes, s):
+        seen.append(dict(scores=scores, pos=pos, keys=keys, coords=coords))
+        return real(x, keys, scores, pos, coords, sizes, s)
+
+    monkeypatch.setattr(P, "hard_reduce", spy)
+    return seen
+
+
+# ------------------------------------------------------------------------------------------ hard sites
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_layer0_prune_equals_running_the_shortened_sequence(impl):
+    """A site before layer 0 is the same as feeding the language model only the kept tokens with their
+    original position ids: an independent reference through transformers' own LlamaModel."""
+    m = tiny(impl)
+    inputs, pos = batch(m)
+    r = reduced(m, [site(0, 9, "norm")])
+    with torch.no_grad():
+        out = r(**inputs, position_ids=pos, use_cache=False).logits
+        kept = r.last_kept_positions                                     # (B, 9)
+        emb = embeddings(m, inputs)
+        is_vis = inputs["input_ids"] == m.config.image_token_id
+        keep = torch.stack([~is_vis[b] | (is_vis[b] & torch.isin(pos[b], kept[b])) for b in range(len(pos))])
+        idx = torch.stack([keep[b].nonzero()[:, 0] for b in range(len(pos))])
+        ref_h = m.model.language_model(inputs_embeds=emb.gather(1, idx[..., None].expand(-1, -1, emb.shape[-1])),
+                                       attention_mask=inputs["attention_mask"].gather(1, idx),
+                                       position_ids=pos.gather(1, idx), use_cache=False).last_hidden_state
+        ref = m.lm_head(ref_h)
+    assert out.shape == ref.shape == (3, inputs["input_ids"].shape[1] - (N_VIS - 9), m.config.text_config.vocab_size)
+    real = inputs["attention_mask"].gather(1, idx).bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+    # norm scores: the kept tokens really are the 9 largest embedding norms, in position order
+    top = emb[is_vis].view(3, N_VIS, -1).norm(dim=-1).topk(9, dim=1).indices.sort(1).values
+    assert torch.equal(kept, pos[is_vis].view(3, N_VIS).gather(1, top))
+
+
+def test_attn_score_is_fastv_signal_from_eager_attentions(monkeypatch):
+    """The attn score equals layer l-1's attention of the last token to the visual tokens (mean over
+    heads), as transformers' eager attention reports it, for every sample of a padded batch."""
+    m = tiny("eager")
+    inputs, pos = batch(m)
+    seen = capture_scores(monkeypatch)
+    with torch.no_grad():
+        reduced(m, [site(2, 12, "attn")])(**inputs, position_ids=pos)
+        att = m(**inputs, position_ids=pos, output_attentions=True).attentions[1]   # layer 1
+    is_vis = inputs["input_ids"] == m.config.image_token_id
+    ref = att[:, :, -1, :].mean(1)[is_vis].view(3, N_VIS)
+    torch.testing.assert_close(seen[0]["scores"], ref, atol=1e-6, rtol=1e-5)
+
+
+def test_cls_score_is_clip_cls_attention_at_the_feature_layer(monkeypatch):
+    m = tiny("eager")
+    inputs, pos = batch(m)
+    seen = capture_scores(monkeypatch)
+    with torch.no_grad():
+        reduced(m, [site(1, 12, "cls")])(**inputs)
+        vt = m.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    # vision_feature_layer -2 = hidden_states[-2] = output of the second-to-last CLIP layer
+    ref = vt.attentions[-2][:, :, 0, 1:].mean(1)
+    torch.testing.assert_close(seen[0]["scores"], ref, atol=1e-6, rtol=1e-5)
+
+
+def test_sites_reduce_per_sample_and_batch_equals_single(monkeypatch):
+    """Left padding shifts each sample's image; every sample keeps its own tokens, and a padded batch
+    gives what each sample gives alone."""
+    m = tiny()
+    inputs, pos = batch(m)
+    r = reduced(m, [site(1, 18, "attn"), site(3, 6, "attn")])
+    with torch.no_grad():
+        full = r(**inputs, position_ids=pos).logits[:, -1]
+        kept = r.last_kept_positions
+        assert kept.shape == (3, 6)
+        assert len({tuple(k.tolist()) for k in kept - kept.min(1, keepdim=True).values}) > 1   # per-sample choices
+        for b in range(3):
+            real = inputs["attention_mask"][b].bool()
+            one = {k: v[b:b + 1][:, real] if k != "pixel_values" else v[b:b + 1] for k, v in inputs.items()}
+            single = r(**one).logits[:, -1]
+            assert torch.equal(r.last_kept_positions, kept[b:b + 1])
+            torch.testing.assert_close(single, full[b:b + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("knobs", [dict(), dict(merge=1.0, sharpness=5.0, reweight=1.0)])
+def test_decoding_on_reduced_cache_equals_recomputing(knobs):
+    """Decoding on the reduced KV cache (each layer its own cache length and mask) gives the same tokens
+    and logits as re-running the whole reduced prefill each step (norm scores do not depend on later
+    tokens, so both must agree)."""
+    m = tiny()
+    inputs, _ = batch(m)
+    r = reduced(m, [site(2, 10, "norm", **knobs)])
+    steps = 5
+    with torch.no_grad():
+        gen = r.generate(**inputs, max_new_tokens=steps, do_sample=False)
+        ids, am = inputs["input_ids"], inputs["attention_mask"]
+        for _ in range(steps):
+            pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+            logits = r(input_ids=ids, attention_mask=am, pixel_values=inputs["pixel_values"], position_ids=pos,
+                       use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+        assert torch.equal(gen, ids)
+        # the cache really is shorter after the site
+        pos = (inputs["attention_mask"].cumsum(-1) - 1).masked_fill(inputs["attention_mask"] == 0, 0)
+        out = r(**inputs, position_ids=pos, use_cache=True)
+        lens = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+        T = inputs["input_ids"].shape[1]
+        assert lens == [T, T, T - (N_VIS - 10), T - (N_VIS - 10)]
+        # one cached step equals the recomputed logits
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        am2 = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        step = r(input_ids=nxt, attention_mask=am2, past_key_values=out.past_key_values,
+                 position_ids=pos[:, -1:] + 1).logits[:, -1]
+        ids2 = torch.cat([inputs["input_ids"], nxt], 1)
+        pos2 = (am2.cumsum(-1) - 1).masked_fill(am2 == 0, 0)
+        ref = r(input_ids=ids2, attention_mask=am2, pixel_values=inputs["pixel_values"], position_ids=pos2,
+                use_cache=False).logits[:, -1]
+    torch.testing.assert_close(step, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reweight_takes_effect_and_sdpa_equals_eager():
+    """rho * log(size) is a real key bias (logits change), taken identically by SDPA and eager."""
+    inputs, pos = batch(tiny())
+    sites = [site(1, 12, "attn", merge=1.0, sharpness=4.0, reweight=1.0), site(3, 6, "norm")]
+    outs = {}
+    for impl in ("sdpa", "eager"):
+        m = tiny(impl)
+        with torch.no_grad():
+            outs[impl] = reduced(m, sites)(**inputs, position_ids=pos).logits
+            outs[impl + "-no-rw"] = reduced(m, [site(1, 12, "attn", merge=1.0, sharpness=4.0), sites[1]])(
+                **inputs, position_ids=pos).logits
+    ok = real(inputs, outs["sdpa"].shape[1])
+    torch.testing.assert_close(outs["sdpa"][ok], outs["eager"][ok], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["sdpa-no-rw"][ok], outs["eager-no-rw"][ok], atol=1e-5, rtol=1e-5)
+    assert (outs["sdpa"][:, -1] - outs["sdpa-no-rw"][:, -1]).abs().max() > 1e-3
+
+
+def test_random_scores_do_not_depend_on_the_batch(monkeypatch):
+    m = tiny()
+    inputs, pos = batch(m)
+    r = reduced(m, [site(1, 8, "random")], seed=3)
+    with torch.no_grad():
+        r(**inputs, position_ids=pos)
+        together = r.last_kept_positions
+        b = 2
+        one = {k: v[b:b + 1] for k, v in inputs.items()}
+        r(**one, position_ids=pos[b:b + 1])
+        assert torch.equal(r.last_kept_positions, together[b:b + 1])
+        r2 = reduced(m, [site(1, 8, "random")], seed=4)
+        r2(**inputs, position_ids=pos)
+        assert not torch.equal(r2.last_kept_positions, together)
+        # a random site after another one (the running sequence is shorter than the input by then)
+        r3 = reduced(m, [site(1, 18, "norm"), site(3, 6, "random")], seed=3)
+        r3(**inputs, position_ids=pos)
+        together = r3.last_kept_positions
+        r3(**one, position_ids=pos[b:b + 1])
+        assert torch.equal(r3.last_kept_positions, together[b:b + 1])
+
+
+def test_bad_visual_segment_is_a_clear_error():
+    from diffopsearch.errors import UserError
+
+    m = tiny()
+    inputs, pos = batch(m)
+    img = m.config.image_token_id
+    r = reduced(m, [site(1, 8, "norm")])
+    # same total (so LLaVA's own check passes), but one sample has 37 image tokens and another 35
+    ids = inputs["input_ids"].clone()
+    ids[0, -1] = img
+    ids[1, (ids[1] == img).nonzero()[0, 0]] = 7
+    with pytest.raises(UserError, match="same size"):
+        r(**{**inputs, "input_ids": ids})
+    # 36 each, but not contiguous
+    ids = inputs["input_ids"].clone()
+    ids[1, (ids[1] == img).nonzero()[0, 0]] = 7
+    ids[1, -1] = img
+    with pytest.raises(UserError, match="contiguous"):
+        r(**{**inputs, "input_ids": ids})
+
+
+# ------------------------------------------------------------------------------------------ soft sites
+
+class FastVSoft:
+    """A FastV-like soft site: keep the top-k by attn score, log-mask the rest."""
+
+    def __init__(self, layer, keep, drop_value=-1e4):
+        self.layer, self.keep, self.drop = layer, keep, drop_value
+
+    def __call__(self, ctx):
+        top = ctx.scores["attn"].topk(self.keep, dim=1).indices
+        keep = torch.zeros_like(ctx.scores["attn"], dtype=torch.bool).scatter(1, top, True)
+        log_mask = torch.where(keep, 0.0, self.drop)
+        return P.SoftOut(x=ctx.x, bias=log_mask, log_mask=log_mask)
+
+
+class Identity:
+    def __init__(self, layer):
+        self.layer, self.seen = layer, None
+
+    def __call__(self, ctx):
+        self.seen = ctx
+        return P.SoftOut(x=ctx.x, bias=torch.zeros_like(ctx.log_mask))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_soft_identity_is_the_unreduced_model(impl):
+    m = tiny(impl)
+    inputs, pos = batch(m)
+    sites = [Identity(0), Identity(2)]
+    with torch.no_grad():
+        soft = P.soft_forward(m, **inputs, sites=sites, position_ids=pos)
+        ref = m(**inputs, position_ids=pos).logits
+    ok = real(inputs, ref.shape[1])
+    torch.testing.assert_close(soft[ok], ref[ok], atol=1e-5, rtol=1e-5)
+    ctx = sites[1].seen
+    B = inputs["input_ids"].shape[0]
+    assert ctx.x.shape == (B, N_VIS, 64) and ctx.keys.shape == (B, N_VIS, 16)
+    assert set(ctx.scores) == {"attn", "cls", "norm"} and set(sites[0].seen.scores) == {"cls", "norm"}
+    assert sites[0].seen.keys.shape == (B, N_VIS, 64)
+    assert torch.equal(ctx.coords[0, 7], torch.tensor([1.0, 1.0]))
+    is_vis = inputs["input_ids"] == m.config.image_token_id
+    assert torch.equal(ctx.pos, pos[is_vis].view(B, N_VIS))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_soft_log_mask_equals_hard_prune(impl):
+    m = tiny(impl)
+    inputs, pos = batch(m)
+    with torch.no_grad():
+        soft = P.soft_forward(m, **inputs, sites=[FastVSoft(2, 10), FastVSoft(3, 4)], position_ids=pos)[:, -1]
+        hard = reduced(m, [site(2, 10, "attn"), site(3, 4, "attn")])(**inputs, position_ids=pos).logits[:, -1]
+    torch.testing.assert_close(soft, hard, atol=1e-4, rtol=1e-4)
+
+
+def test_soft_reduce_at_zero_temperature_equals_hard_plan():
+    """End to end with the real operator: soft_reduce (one-hot ladder, tau = 0) inside the soft forward
+    gives the hard plan's last-position logits (merge, sharpness and reweight included)."""
+    from diffopsearch.operators.reduce import soft_reduce
+
+    class Relaxed:
+        def __init__(self, layer, keep, **knobs):
+            self.layer, self.keep, self.knobs = layer, keep, knobs
+
+        def __call__(self, ctx):
+            out = soft_reduce(ctx.x, ctx.keys, ctx.scores["attn"], ctx.coords, ctx.sizes,
+                              q=torch.tensor([1.0]), counts=torch.tensor([float(self.keep)]), tau=0.0,
+                              log_mask=ctx.log_mask, eps=1e-30, **self.knobs)
+            return P.SoftOut(x=out.x, bias=out.bias, log_mask=out.log_mask, sizes=out.sizes)
+
+    k1 = dict(merge=0.7, sharpness=3.0, reweight=0.5)
+    k2 = dict(merge=0.5, locality=1.0, reweight=1.0)
+    m = tiny()
+    inputs, pos = batch(m)
+    with torch.no_grad():
+        soft = P.soft_forward(m, **inputs, sites=[Relaxed(1, 18, **k1), Relaxed(3, 8, **k2)], position_ids=pos)
+        hard = reduced(m, [site(1, 18, "attn", **k1), site(3, 8, "attn", **k2)])(**inputs, position_ids=pos).logits
+    torch.testing.assert_close(soft[:, -1], hard[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_query_index_scores_the_prompt_end_of_a_teacher_forced_sequence(monkeypatch):
+    """With an answer appended (the search's teacher forcing), ``query_index`` = the last prompt token gives
+    exactly the scores the hard plan sees at generation time, and the hard forward keeps the same tokens."""
+    m = tiny()
+    inputs, pos = batch(m)
+    seen = capture_scores(monkeypatch)
+    r = reduced(m, [site(2, 10)])
+    with torch.no_grad():
+        r(**inputs, position_ids=pos)
+        kept = r.last_kept_positions
+        B, T = inputs["input_ids"].shape
+        answer = torch.randint(5, m.config.text_config.vocab_size, (B, 4), generator=torch.Generator().manual_seed(1))
+        ids = torch.cat([inputs["input_ids"], answer], 1)
+        am = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], 1)
+        pos2 = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+        q = torch.full((B,), T - 1)
+        ident = Identity(2)
+        P.soft_forward(m, ids, am, inputs["pixel_values"], sites=[ident], position_ids=pos2, query_index=q)
+        r(input_ids=ids, attention_mask=am, pixel_values=inputs["pixel_values"], position_ids=pos2, query_index=q)
+        # stacked sites: the query's index moves when the first site shortens the sequence
+        r2 = reduced(m, [site(1, 18), site(3, 6)])
+        r2(**inputs, position_ids=pos)
+        kept2 = r2.last_kept_positions
+        r2(input_ids=ids, attention_mask=am, pixel_values=inputs["pixel_values"], position_ids=pos2, query_index=q)
+    torch.testing.assert_close(ident.seen.scores["attn"], seen[0]["scores"], atol=1e-6, rtol=1e-5)
+    assert torch.equal(r.last_kept_positions, kept)
+    assert torch.equal(r2.last_kept_positions, kept2)
+
+
+def test_soft_forward_is_differentiable_in_site_parameters():
+    m = tiny()
+    inputs, pos = batch(m)
+
+    class Scaled:
+        layer = 1
+
+        def __init__(self):
+            self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+        def __call__(self, ctx):
+            return P.SoftOut(x=ctx.x * (1 + self.w), bias=self.w * ctx.scores["attn"].log())
+
+    s = Scaled()
+    logits = P.soft_forward(m, **inputs, sites=[s], position_ids=pos)
+    logits[:, -1].logsumexp(-1).sum().backward()
+    assert s.w.grad is not None and torch.isfinite(s.w.grad) and s.w.grad.abs() > 0
+    assert all(p.grad is None for p in m.parameters())
+
+
+# ------------------------------------------------------------------------------------------ cost
+
+def _decoder_flops(T, cfg):
+    """Matmul FLOPs of one Llama layer at T tokens as FlopCounterMode counts eager attention (q k^T and
+    p v in full, no causal halving)."""
+    d, f, H, Hkv = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = d // H
+    linear = 2 * T * (2 * d * H * hd + 2 * d * Hkv * hd + 3 * d * f)
+    return linear + 2 * 2 * H * T * T * hd
+
+
+def test_hard_plan_really_cuts_flops():
+    """Eager attention, because FlopCounterMode does not count CPU SDPA's fused kernel."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = tiny("eager")
+    inputs, pos = batch(m, prompt_lens=(6, 6, 6))
+    B, T = inputs["input_ids"].shape
+    cfg = m.config.text_config
+
+    def count(model):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(**inputs, use_cache=False, logits_to_keep=1)
+        return fc.get_total_flops()
+
+    full = count(reduced(m, []))
+    assert full == count(m)                                # the empty plan does exactly the model's work
+    red = count(reduced(m, [site(2, 9, "attn")]))
+    T2 = T - (N_VIS - 9)
+    expected_saving = B * 2 * (_decoder_flops(T, cfg) - _decoder_flops(T2, cfg))
+    fastv_overhead = B * 2 * cfg.num_attention_heads * T * (cfg.hidden_size // cfg.num_attention_heads)
+    assert full - red == expected_saving - fastv_overhead
+    assert red / full < 0.8

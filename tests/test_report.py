@@ -1,0 +1,357 @@
+"""`diffopsearch report`: collection, table, latency ratios, the Pareto plot, failed jobs, bad dirs.
+
+Everything runs on synthetic results.json files in evaluate's schema (no model)."""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from diffopsearch import cli
+from diffopsearch import report as rp
+from diffopsearch.errors import UserError
+
+TYPES = ("attribute", "count", "exist")
+
+
+def result(method: str, budget: float | None, accuracy: float, flops: float, ms: float, *, searched=False,
+           per_layer=(144, 144, 72, 72), model="toy", dataset="toy", split="test", batch_size=16, device="cpu"):
+    """A results.json as evaluate writes it (the fields the report reads, plus a few it ignores)."""
+    plan = {"format": "diffopsearch.plan/1", "method": method, "budget": budget,
+            "sites": [] if method == "none" else [{"layer": 2, "keep": 72, "score": "attn", "anchors": "topk",
+                                                   "merge": 0.5, "sharpness": 3.0, "locality": 0.0,
+                                                   "reweight": 0.25}],
+            "search": {"steps": 10} if searched else None}
+    r = {"accuracy": accuracy, "n": 40, "n_questions": 40,
+         "per_type": {t: {"accuracy": min(1.0, accuracy + 0.1 * i), "n": 10} for i, t in enumerate(TYPES)},
+         "flops_ratio": flops,
+         "visual_tokens": {"image": 144, "llm_input": per_layer[0], "per_layer": list(per_layer),
+                           "avg": sum(per_layer) / len(per_layer), "grid": [12, 12]},
+         "latency": {"prefill_ms_per_batch": ms * batch_size, "prefill_ms_per_sample": ms, "batch_size": batch_size,
+                     "batches_timed": 4, "warmup_batches": 1, "device": device},
+         "throughput": {"samples_per_s": 1000.0 / ms, "generated": 40, "cached": 0, "processes": 1},
+         "peak_memory_mb": 512.0, "model": model, "dataset": dataset, "split": split, "metric": "gqa",
+         "plan": plan, "budget": budget}
+    if searched:
+        r["method"] = "search"
+        r["search"] = {"steps": 10, "seconds": 1.0}
+    return r
+
+
+def write(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def sweep(root: Path) -> Path:
+    """An unreduced eval, two baselines at two budgets and a search run at each budget, plus one failed job."""
+    write(root / "none" / "results.json", result("none", 1.0, 0.60, 1.0, 10.0, per_layer=(144,) * 4))
+    for i, (b, fl) in enumerate(((0.8, 0.78), (0.4, 0.39))):
+        write(root / f"fastv-{b}" / "results.json", result("fastv", b, 0.55 - 0.1 * i, fl, 8.0 - 3 * i))
+        write(root / f"pool-{b}" / "results.json", result("pool", b, 0.50 - 0.1 * i, fl - 0.01, 7.5 - 3 * i))
+        write(root / "multirun" / str(i) / "results.json", result("search", b, 0.58 - 0.05 * i, fl, 8.2 - 3 * i,
+                                                                   searched=True))
+    write(root / "multirun" / "2" / "error.json",
+          {"command": "search", "overrides": ["budget=0.1"], "error": "budget=0.1 is below what any plan can reach",
+           "type": "UserError", "user_error": True, "traceback": None})
+    return root
+
+
+def is_png(path: Path) -> tuple[int, int]:
+    """(width, height) of a valid PNG; every chunk's CRC checked."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert zlib.crc32(kind + body) & 0xFFFFFFFF == crc
+        chunks.append(kind)
+        pos += 12 + length
+    assert chunks[0] == b"IHDR" and chunks[-1] == b"IEND" and b"IDAT" in chunks
+    w, h = struct.unpack(">II", data[16:24])
+    return w, h
+
+
+def test_report_collects_every_run_and_writes_table_and_plot(tmp_path, capsys):
+    root = sweep(tmp_path / "runs")
+    res = rp.write_report(root)
+    rows = res["rows"]
+    assert [(r.method, r.budget) for r in rows] == [("none", 1.0), ("fastv", 0.8), ("fastv", 0.4), ("pool", 0.8),
+                                                    ("pool", 0.4), ("search", 0.8), ("search", 0.4)]
+    assert [r.searched for r in rows] == [False] * 5 + [True] * 2
+    md = (root / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    for col in ("accuracy %", "attribute %", "count %", "exist %", "FLOPs ratio", "latency ratio", "throughput /s",
+                "visual tokens (LLM in / avg)", "visual tokens per layer"):
+        assert col in header
+    line = next(line for line in md.splitlines() if line.startswith("| fastv | 0.4 "))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:4] == ["fastv", "0.4", "45.00", "40"]
+    assert cells[4:7] == ["45.0", "55.0", "65.0"]  # per type
+    assert cells[7] == "0.390" and cells[8] == "0.500"  # FLOPs ratio; latency 5 ms / unreduced 10 ms
+    assert cells[11] == "144 / 108.0" and cells[12] == "144x2 72x2" and cells[13] == "fastv-0.4"
+    assert "| **search** | 0.8 | 58.00 |" in md
+    assert "## Searched plans" in md and "| 2 | 72 | attn | topk | 0.5 | 3.0 | 0.0 | 0.25 |" in md
+    assert "## Failed jobs" in md and "budget=0.1" in md and "multirun/2" in md
+    w, h = is_png(root / "pareto.png")
+    assert w > 2 * h > 600  # two panels side by side
+    out = capsys.readouterr().out
+    assert "fastv" in out and "search" in out and "failed job" in out and "budget=0.1" in out
+
+
+def test_latency_ratio_uses_the_matching_unreduced_run_or_stays_blank(tmp_path):
+    root = tmp_path / "runs"
+    write(root / "a" / "none" / "results.json", result("none", 1.0, 0.6, 1.0, 10.0))
+    write(root / "a" / "fastv" / "results.json", result("fastv", 0.5, 0.5, 0.5, 6.0))
+    write(root / "b" / "none" / "results.json", result("none", 1.0, 0.6, 1.0, 20.0))
+    write(root / "b" / "fastv" / "results.json", result("fastv", 0.5, 0.5, 0.5, 6.0))  # nearest ref: b/none
+    write(root / "c" / "results.json", result("fastv", 0.5, 0.5, 0.5, 6.0, batch_size=1))  # no bs-1 reference
+    write(root / "d" / "results.json", result("fastv", 0.5, 0.5, 0.5, 6.0, device="cuda:0"))  # other device
+    rows, _, _ = rp.collect(root)
+    rp.attach_latency_ratios(rows)
+    by = {r.source: r for r in rows}
+    assert by["a/fastv/results.json"].latency_ratio == pytest.approx(0.6)
+    assert by["b/fastv/results.json"].latency_ratio == pytest.approx(0.3)
+    assert by["b/fastv/results.json"].reference == "b/none/results.json"
+    assert by["a/none/results.json"].latency_ratio == pytest.approx(1.0)
+    assert by["c/results.json"].latency_ratio is None and by["d/results.json"].latency_ratio is None
+
+
+def test_no_unreduced_run_leaves_latency_ratio_blank_and_plots_ms(tmp_path):
+    root = tmp_path / "runs"
+    write(root / "x" / "results.json", result("pool", 0.5, 0.5, 0.49, 4.0))
+    res = rp.write_report(root, show=False)
+    assert res["rows"][0].latency_ratio is None
+    line = next(line for line in (root / "report.md").read_text().splitlines() if line.startswith("| pool"))
+    assert [c.strip() for c in line.strip("|").split("|")][8] == ""  # latency ratio blank
+    is_png(root / "pareto.png")
+
+
+def test_search_file_with_baseline_rows_is_read_without_double_counting(tmp_path):
+    root = tmp_path / "run"
+    top = result("search", 0.6, 0.58, 0.59, 6.0, searched=True)
+    top["baselines"] = [
+        {"method": "search", "accuracy": 0.58, "n": 40, "flops_ratio": 0.59, "avg_visual_tokens": 90.0,
+         "prefill_ms_per_sample": 6.0, "prefill_ms_per_batch": 96.0},
+        {"method": "none", "accuracy": 0.61, "n": 40, "flops_ratio": 1.0, "avg_visual_tokens": 144.0,
+         "prefill_ms_per_sample": 12.0, "prefill_ms_per_batch": 192.0},
+        {"method": "fastv", "accuracy": 0.52, "n": 40, "flops_ratio": 0.58, "avg_visual_tokens": 88.0,
+         "prefill_ms_per_sample": 6.5, "prefill_ms_per_batch": 104.0},
+        {"method": "pool", "accuracy": 0.50, "n": 40, "flops_ratio": 0.57, "avg_visual_tokens": 86.0,
+         "prefill_ms_per_sample": 6.2, "prefill_ms_per_batch": 99.0},
+    ]
+    write(root / "results.json", top)
+    # the search writes full baseline results too: fastv has one, pool (here) only its summary row
+    write(root / "baselines" / "fastv" / "results.json", result("fastv", 0.6, 0.52, 0.58, 6.5))
+    rows, _, _ = rp.collect(root)
+    got = sorted((r.method, r.summary) for r in rows)
+    assert got == [("fastv", False), ("none", True), ("pool", True), ("search", False)]
+    rp.attach_latency_ratios(rows)
+    by = {r.method: r for r in rows}
+    assert by["search"].latency_ratio == pytest.approx(0.5)  # against the summary row of the unreduced model
+    assert by["pool"].budget == 0.6 and by["none"].budget == 1.0 and by["pool"].avg_tokens == 86.0
+    rp.write_report(root, show=False)
+    is_png(root / "pareto.png")
+
+
+def test_a_multi_method_list_file_is_read(tmp_path):
+    write(tmp_path / "results.json", [result("none", 1.0, 0.6, 1.0, 10.0), result("random", 0.5, 0.3, 0.5, 5.0)])
+    rows, _, _ = rp.collect(tmp_path)
+    assert [(r.method, r.source) for r in rows] == [("none", "results.json#results[0]"),
+                                                    ("random", "results.json#results[1]")]
+
+
+def test_settings_are_kept_apart(tmp_path):
+    write(tmp_path / "a" / "results.json", result("fastv", 0.5, 0.5, 0.5, 5.0))
+    write(tmp_path / "b" / "results.json", result("fastv", 0.5, 0.4, 0.5, 5.0, dataset="gqa", split="testdev"))
+    res = rp.write_report(tmp_path, show=False)
+    md = (tmp_path / "report.md").read_text()
+    assert "| setting | method |" in md and "toy | gqa/testdev" in md.replace("\\|", "|")
+    assert len(res["rows"]) == 2
+
+
+def test_unreadable_files_are_skipped_and_listed(tmp_path):
+    write(tmp_path / "ok" / "results.json", result("pool", 0.5, 0.5, 0.49, 4.0))
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "results.json").write_text('{"accuracy": 0.')
+    write(tmp_path / "other" / "results.json", {"hello": 1})
+    write(tmp_path / ".hydra" / "results.json", {"ignored": True})  # hidden folders are not searched
+    res = rp.write_report(tmp_path, show=False)
+    assert len(res["rows"]) == 1
+    assert sorted(s["file"] for s in res["skipped"]) == ["other/results.json", "torn/results.json"]
+    assert "## Skipped files" in (tmp_path / "report.md").read_text()
+
+
+def test_out_dir_and_rewrite(tmp_path):
+    root = sweep(tmp_path / "runs")
+    rp.write_report(root, out=tmp_path / "rep", show=False)
+    assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "pareto.png").exists()
+    assert not (root / "report.md").exists()
+    before = (tmp_path / "rep" / "report.md").read_text()
+    rp.write_report(root, out=tmp_path / "rep", show=False)  # a second run reads the same files: same report
+    assert (tmp_path / "rep" / "report.md").read_text() == before
+    assert not [p for p in (tmp_path / "rep").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_bad_dirs_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        rp.write_report(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a directory"):
+        rp.write_report(tmp_path / "file")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(UserError, match="no results"):
+        rp.write_report(tmp_path / "empty")
+    write(tmp_path / "allfailed" / "0" / "error.json", {"overrides": ["budget=0.01"], "error": "too small"})
+    with pytest.raises(UserError, match="1 failed job.*too small"):
+        rp.write_report(tmp_path / "allfailed")
+    assert not (tmp_path / "empty" / "report.md").exists()
+
+
+def test_cli_report_command(tmp_path, monkeypatch, capsys):
+    root = sweep(tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["report", "dir=runs"]) == 0
+    assert (root / "report.md").exists() and (root / "pareto.png").exists()
+    assert "search" in capsys.readouterr().out
+    assert cli.main(["report", "dir=runs", f"report.out={tmp_path / 'elsewhere'}"]) == 0
+    assert (tmp_path / "elsewhere" / "pareto.png").exists()
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["report", "dir=empty"]) == 2
+    err = capsys.readouterr().err
+    assert "no results" in err and "Traceback" not in err
+    assert cli.main(["report", "dir=nope"]) == 2
+
+
+def test_compact_layers():
+    assert rp.compact_layers([144, 144, 72, 72, 72, 36]) == "144x2 72x3 36"
+    assert rp.compact_layers([]) == ""
+
+
+def test_plot_handles_ties_and_rows_without_latency(tmp_path):
+    rows = [rp.row_from_result(result("none", 1.0, 0.6, 1.0, 10.0), "a/results.json"),
+            rp.row_from_result(result("none", 1.0, 0.6, 1.0, 10.0), "b/results.json"),  # same point twice
+            rp.row_from_result(result("pool", 0.5, 0.5, 0.5, 5.0), "c/results.json")]
+    rows[2].prefill_ms = None
+    rp.attach_latency_ratios(rows)
+    is_png(rp.plot(rows, tmp_path / "p.png"))
+
+
+# --------------------------------------------------------------------------- scripts/bench.py
+
+def _bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("diffopsearch_bench_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_projection_to_llava_7b_scales_layers_and_keeps():
+    from types import SimpleNamespace
+
+    from diffopsearch.baselines import make_plan
+    from diffopsearch.cost import plan_cost
+    from diffopsearch.plan import Plan, Site
+
+    bench = _bench()
+    toy_text = SimpleNamespace(hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=4,
+                               num_hidden_layers=8)
+    plan = make_plan("fastv", 0.6, toy_text, 144, (12, 12), 20.0)
+    ((site,),) = [plan.sites]
+    p = bench.project_plan(plan.to_dict(), 40.0)
+    assert p["src_layers"] == 8 and p["src_visual"] == 144
+    assert p["sites"][0]["layer"] == site.layer * 4 and p["sites"][0]["keep"] == round(site.keep * 4)
+    # the same number as the cost model on the hand-built 7B plan
+    seven = Plan(sites=[Site(layer=site.layer * 4, keep=site.keep * 4, score="attn", anchors="topk")],
+                 backbone={"name": "", "num_layers": 32, "visual_tokens": 576, "grid": [24, 24]}, budget=0.6,
+                 method="fastv")
+    ref = plan_cost(SimpleNamespace(**bench.LLAVA7B_TEXT), seven, 576, 40.0)
+    assert p["flops_ratio"] == pytest.approx(ref["flops_ratio"])
+    assert 0 < p["end_to_end_saving"] < p["llm_saving"] == pytest.approx(1 - ref["flops_ratio"])
+    assert 0.3 < p["vision_tflops"] < 0.6 and 7 < p["tflops_full"] < 9  # CLIP-L/336 and 7B prefill, ~616 tokens
+
+
+def test_bench_times_the_operator_inside_the_forward():
+    import fixtures as fx
+    from diffopsearch.backbone import toy
+    from diffopsearch.baselines import make_plan
+    from diffopsearch.data.datasets import make_eval_batch
+    from diffopsearch.evaluate import prefill
+    from diffopsearch.patch import llava as P
+    from diffopsearch.patch.llava import apply_plan
+
+    bench = _bench()
+    model = toy.build_model(0, vision=fx.TINY_VISION, text={**fx.TINY_TEXT, "num_hidden_layers": 4})
+    processor = toy.build_processor()
+    from PIL import Image
+
+    recs = [{"id": "q", "question": "what color is the circle ?", "answer": "red", "type": "attribute"}]
+    batch = make_eval_batch(processor, recs, [Image.new("RGB", (192, 192), (200, 30, 30))])
+    plan = make_plan("fastv", 0.7, model.config.text_config, 144, (12, 12), 20.0)
+    saved = P._apply_hard
+    for fwd, has_op in ((model, False), (apply_plan(model, plan), True)):
+        t = bench._Timers()
+        with bench.instrumented(model, t, lambda: None):
+            prefill(fwd, batch)
+        assert t.vision > 0 and (t.op > 0) == has_op
+    assert P._apply_hard is saved and "get_image_features" not in model.model.__dict__  # all restored
+
+
+def test_bench_arguments():
+    bench = _bench()
+    a = bench.parse_args([])
+    assert a.budgets == [0.8, 0.6, 0.4, 0.25] and a.limit == 500 and a.latency_batch_sizes == [1, 16]
+    assert not a.random_model and a.search_overrides == []
+    q = bench.parse_args(["--quick", "--budgets", "0.5,0.3", "--search", "search.lr=0.1"])
+    assert q.random_model and q.budgets == [0.5, 0.3] and q.search_overrides[-1] == "search.lr=0.1"
+    with pytest.raises(UserError, match="budget"):
+        bench.parse_args(["--budgets", "1.5"])
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_benchmarks_md_and_resumes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    out, work = tmp_path / "B.md", tmp_path / "work"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = [sys.executable, str(script), "--quick", "--out", str(out), "--work", str(work)]
+    first = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    md = out.read_text()
+    assert f"python scripts/bench.py --quick --out {out} --work {work}" in md
+    for needle in ("## 1. Accuracy", "## 2. Measured prefill latency", "### batch 1 ", "### batch 4 ",
+                   "## 3. Search wall time", "## 4. Projection to LLaVA-1.5-7B", "torch 2", "transformers ",
+                   "smoke run on a random-weight model", "| fastv |", "| pool |"):
+        assert needle in md, needle
+    searched = next(line for line in md.splitlines() if line.startswith("| **searched** | **"))
+    assert "(0." in searched  # the searched plan was evaluated: accuracy and FLOPs ratio
+    assert "| 0.7 | 0:" in md or "| 0.7 | " in md.split("## 4.")[1]  # a projected plan row
+    is_png(tmp_path / "docs" / "benchmarks_pareto.png")
+    assert (work / "report.md").exists() and (work / "latency.json").exists()
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done before") == 8 and "measured before" in again.stdout  # nothing redone
+
+
+def test_method_and_budget_of_a_searched_plan_evaluated_with_eval_ckpt(tmp_path):
+    r = result("search", 0.4, 0.5, 0.39, 5.0, searched=True)
+    del r["method"], r["search"]
+    r["budget"] = 1.0  # `diffopsearch eval ckpt=...` records its own default budget
+    row = rp.row_from_result(r, "x/results.json")
+    assert row.method == "search" and row.searched and row.budget == 0.4
+    unreduced = rp.row_from_result({**result("none", None, 0.6, 1.0, 10.0), "plan": None}, "y/results.json")
+    assert unreduced.method == "none" and unreduced.unreduced and unreduced.budget == 1.0
+    no_plan = {k: v for k, v in result("pool", 0.5, 0.5, 0.5, 5.0).items() if k != "plan"}
+    assert rp.row_from_result(no_plan, "z/results.json").method == "custom"

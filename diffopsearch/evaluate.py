@@ -6,9 +6,10 @@
   (process r takes pending[r::P]); after every batch step the answers of all processes are gathered
   (``accelerate.utils.gather_object``) and the main process appends them to the answer cache. So
   ``n`` and the accuracy do not depend on the number of processes, and only the main process writes.
-- Resumable: ``answers.jsonl`` beside ``results.json`` holds one line per answered question,
-  tagged with a hash of everything that determines the answer (plan, model, data set, split,
-  prompt, max_new_tokens). A rerun into the same run directory only generates what is missing.
+- Resumable: the answer cache holds one line per answered question, tagged with a hash of
+  everything that determines the answer (plan, model, data set, split, prompt, max_new_tokens).
+  ``diffopsearch eval`` keeps it in ``outputs/.answers/<hash>.jsonl`` under the working directory,
+  so a rerun with the same settings (in its own new run directory) only generates what is missing.
 - Cost is measured, not assumed: the FLOPs ratio from :func:`diffopsearch.cost.plan_cost` at the
   data's actual mean prompt length, and the prefill latency (the reduced forward of the prompt,
   reduction included) timed after a warm-up batch, median over batches, with CUDA synchronisation.
@@ -274,7 +275,8 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
     :class:`diffopsearch.data.datasets.QADataset`) and return the results dict.
 
     ``out_dir``: where ``results.json`` (and by default the answer cache ``answers.jsonl``) go;
-    ``cache_path`` overrides the cache location; with neither, nothing is written. ``resume=False``
+    ``cache_path`` overrides the cache location (a folder, or a path ending in a separator: one file
+    per settings key inside it); with neither, nothing is written. ``resume=False``
     discards the cache first. ``metric``: gqa | vqa (default: the data set's own). ``extra``: keys
     merged into the results (e.g. the config). Every process returns the same dict; only the
     main one writes files and prints.
@@ -303,6 +305,8 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
     key = settings_key(plan_dict, f"{model_id}|{dtype}", dataset, max_new_tokens, format_prompt("{q}", processor))
     out_dir = Path(out_dir) if out_dir is not None else None
     cache = Path(cache_path) if cache_path is not None else (out_dir / CACHE_NAME if out_dir is not None else None)
+    if cache is not None and (cache.is_dir() or str(cache_path).endswith(os.sep)):
+        cache = cache / f"{key}.jsonl"  # a shared cache folder: one file per settings key
 
     # -- resume: everyone reads the cache the main process has (maybe) just cleared
     if procs.is_main and cache is not None:
@@ -609,6 +613,9 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
         model, processor, plan, dataset,
         batch_size=int(_get(cfg, "batch_size", 16)), max_new_tokens=int(_get(cfg, "max_new_tokens", 16)),
         accelerator=accelerator, out_dir=output_dir(out_dir),
+        # answers live in one folder per working directory, keyed by the settings hash, so a rerun
+        # of the same eval (in a new timestamped run dir) only computes what is missing
+        cache_path=str(Path.cwd() / "outputs" / ".answers") + os.sep,
         metric=_get(ds_cfg, "metric") or None, vqa_mode=_get(ds_cfg, "vqa_mode", "official"),
         model_name=f"{model_name}:{path}" if path else model_name,
         extra={"budget": float(_get(cfg, "budget", 1.0)), "ckpt": _get(cfg, "ckpt"),

@@ -50,6 +50,8 @@ class TrainConfig:
     ground_weight: float = 0.0  # attention grounding loss (see grounding_loss)
     ground_layer: int = 3
     ground_start: int = 0  # step from which the grounding loss is on
+    qk_lr_mult: float = 1.0  # learning-rate multiplier of the decoder's q/k projections
+    qk_lr_from: int = 0  # step from which the multiplier applies
     suffix_weight: float = 0.0  # weight of the answer loss at every position of the prompt's suffix
     suffix_start: int = 0  # step from which that loss is on
     eval_every: int = 200
@@ -248,8 +250,16 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
     heads = torch.nn.ModuleDict({"row": torch.nn.Linear(d, world.GRID), "col": torch.nn.Linear(d, world.GRID),
                                  "cls": torch.nn.Linear(model.config.vision_config.hidden_size,
                                                         len(world.COLORS) * len(world.SHAPES))})
-    params = [p for p in list(model.parameters()) + list(heads.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    named = list(model.named_parameters()) + list(heads.named_parameters())
+    params = [p for _, p in named]
+    # attention lookups need sharp q.k logits; their projections may learn faster than the rest
+    is_qk = ["language_model" in n and (".q_proj." in n or ".k_proj." in n) for n, _ in named]
+    groups = [{"params": [p for (_, p), f in zip(named, is_qk) if not f], "qk": False},
+              {"params": [p for (_, p), f in zip(named, is_qk) if f], "qk": True}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    params = groups[0]["params"] + groups[1]["params"]  # the optimizer's own parameter order
+    names = {id(p): n for n, p in named}
+    old_index = {id(p): i for i, (_, p) in enumerate(named)}
     words = _attr_words(tokenizer)
     step, level, window = 0, 2, []
     if (ck_dir / "state.json").exists():
@@ -260,10 +270,11 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
         heads.load_state_dict(load_file(ck_dir / "heads.safetensors"))
         opt_tensors = load_file(ck_dir / "optim.safetensors")
         osd = opt.state_dict()
-        for i in range(len(params)):
-            if f"{i}.exp_avg" in opt_tensors:
-                osd["state"][i] = {"step": opt_tensors[f"{i}.step"], "exp_avg": opt_tensors[f"{i}.exp_avg"],
-                                   "exp_avg_sq": opt_tensors[f"{i}.exp_avg_sq"]}
+        for i, p in enumerate(params):
+            # the optimizer state is stored by parameter name (older checkpoints: by index in `named`)
+            tag = names[id(p)] if f"{names[id(p)]}.exp_avg" in opt_tensors else str(old_index[id(p)])
+            if f"{tag}.exp_avg" in opt_tensors:
+                osd["state"][i] = {k: opt_tensors[f"{tag}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
         opt.load_state_dict(osd)
         step, level, window = state["step"], state.get("level", 2), state.get("window", [])
         log(f"resumed at step {step}")
@@ -291,7 +302,7 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
         labels = patch_labels(scenes)
         pv = pixels([world.render(s) for s in scenes])
         for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
+            g["lr"] = _lr(cfg, step) * (cfg.qk_lr_mult if g["qk"] and step >= cfg.qk_lr_from else 1.0)
         qa, align, ok, gl = forward_losses(model, heads, words, ids, mask, pv, labels,
                                            cfg.suffix_weight if step >= cfg.suffix_start else 0.0,
                                            (qk, scenes, grounds) if cfg.ground_weight and step >= cfg.ground_start else None)
@@ -317,7 +328,7 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
             ot = {}
             for i, st in opt.state_dict()["state"].items():
                 for k, v in st.items():
-                    ot[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+                    ot[f"{names[id(params[i])]}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
             atomic_save_safetensors(ck_dir / "optim.safetensors", ot)
             atomic_write_json(ck_dir / "state.json", {"step": step, "level": level, "window": window,
                                                       "config": asdict(cfg)})

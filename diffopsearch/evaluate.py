@@ -383,8 +383,11 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
         if extra:
             results.update(extra)
         if out_dir is not None:
-            from .io import atomic_write_json
+            from .io import atomic_write_json, atomic_write_text
 
+            if cache != out_dir / CACHE_NAME:  # the run dir always holds its own answers
+                atomic_write_text(out_dir / CACHE_NAME, "".join(
+                    json.dumps({"key": key, "qid": q, "prediction": p}) + "\n" for q, p in answers.items()))
             atomic_write_json(out_dir / RESULTS_NAME, results)
         if show:
             print_results(results)

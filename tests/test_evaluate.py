@@ -209,6 +209,17 @@ def test_run_writes_results_in_the_out_dir(tmp_path, patched_backbone):
     assert json.loads((tmp_path / "run" / ev.RESULTS_NAME).read_text())["n"] == 4
 
 
+def test_a_rerun_in_a_new_run_dir_only_computes_what_is_missing(tmp_path, monkeypatch, patched_backbone):
+    monkeypatch.chdir(tmp_path)  # the shared answer cache lives under ./outputs/.answers
+    data = fx.write_gqa(tmp_path / "GQA", n_images=3, per_image=2)
+    first = ev.run(_cfg(data, limit=4), out_dir=tmp_path / "run1")
+    second = ev.run(_cfg(data, limit=6), out_dir=tmp_path / "run2")
+    assert first["throughput"]["cached"] == 0
+    assert second["throughput"]["cached"] == 4 and second["throughput"]["generated"] == 2
+    assert _answers(tmp_path / "run2").items() >= _answers(tmp_path / "run1").items()
+    assert list((tmp_path / "outputs" / ".answers").glob("*.jsonl"))
+
+
 def test_run_a_baseline_then_its_plan_file(tmp_path, monkeypatch):
     import diffopsearch.backbone.load as load
     from diffopsearch.backbone import toy

@@ -1,4 +1,5 @@
 """The toy backbone: real LLaVA classes, processor, save/load round trip, the shipped weights."""
+import functools
 import json
 import random
 
@@ -55,6 +56,7 @@ def test_shipped_backbone_is_complete_and_small():
     assert rec["test"]["questions"] > 4000 and set(rec["test"]["per_family"]) == set(world.FAMILIES)
 
 
+@functools.lru_cache(maxsize=1)
 def _shipped_accuracy():
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

@@ -282,6 +282,16 @@ def compose(app: str, overrides: Sequence[str] = ()) -> DictConfig:
         return hydra_compose(config_name=app, overrides=list(overrides))
 
 
+def cfg_get(cfg, key: str, default=None):
+    """``cfg.key`` for a DictConfig, a dataclass or a plain object; ``default`` when missing or None
+    (the command bodies also accept hand-made configs in tests and scripts)."""
+    try:
+        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    except Exception:
+        return default
+    return default if value is None else value
+
+
 def run_dir() -> Path:
     """Where the current job writes: Hydra's output dir inside an app, else the cwd."""
     from hydra.core.hydra_config import HydraConfig

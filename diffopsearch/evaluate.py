@@ -498,11 +498,9 @@ def print_results(results: dict) -> None:
 # ---------------------------------------------------------------- the command
 
 def _get(cfg, key, default=None):
-    try:
-        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    except Exception:
-        return default
-    return default if value is None else value
+    from .config import cfg_get
+
+    return cfg_get(cfg, key, default)
 
 
 def find_plan_file(ckpt: str) -> Path:

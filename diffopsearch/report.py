@@ -501,11 +501,9 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
 
 
 def _get(cfg, key, default=None):
-    try:
-        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    except Exception:
-        return default
-    return default if value is None else value
+    from .config import cfg_get
+
+    return cfg_get(cfg, key, default)
 
 
 def run(cfg) -> dict:

@@ -108,11 +108,11 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     from ..backbone.load import load_backbone
     from ..config import to_dict, validate
     from ..data.datasets import load_from_config, load_qa
-    from ..evaluate import _accelerator, evaluate, mean_prompt_text_tokens, output_dir
+    from ..evaluate import evaluate, make_accelerator, mean_prompt_text_tokens, output_dir
 
     validate(cfg)
     out = output_dir(out_dir)
-    accelerator = accelerator or _accelerator(cfg.model)
+    accelerator = accelerator or make_accelerator(cfg.model)
     multi = accelerator.num_processes > 1
     is_main = accelerator.process_index == 0
     torch.manual_seed(int(_get(cfg, "seed", 0)))

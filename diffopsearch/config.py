@@ -292,12 +292,18 @@ def cfg_get(cfg, key: str, default=None):
     return default if value is None else value
 
 
-def run_dir() -> Path:
-    """Where the current job writes: Hydra's output dir inside an app, else the cwd."""
+def run_dir(out_dir=None) -> Path:
+    """Where the current job writes: ``out_dir`` when the caller names one, else Hydra's output dir
+    inside an app, else the cwd. (A Hydra config composed outside an app has no output dir.)"""
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
+    if out_dir is not None:
+        return Path(out_dir)
     if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
+        runtime = HydraConfig.get().runtime
+        if not OmegaConf.is_missing(runtime, "output_dir"):
+            return Path(runtime.output_dir)
     return Path(os.getcwd())
 
 

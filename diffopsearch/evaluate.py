@@ -556,15 +556,9 @@ def resolve_plan(cfg, model, n_text: float):
 
 
 def output_dir(out_dir=None) -> Path:
-    """Hydra's run directory inside a Hydra app, else ``out_dir``, else the working directory."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    from .config import run_dir
 
-        if HydraConfig.initialized():
-            return Path(HydraConfig.get().runtime.output_dir)
-    except ImportError:
-        pass
-    return Path(out_dir) if out_dir is not None else Path.cwd()
+    return run_dir(out_dir)
 
 
 def make_accelerator(model_cfg=None):

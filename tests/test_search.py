@@ -209,8 +209,15 @@ def test_repair_tightens_the_site_that_is_cheapest_to_change(tiny4):
     tc, bb = model.config.text_config, _backbone(model)
     full, _ = dz.discretize(state, bb, 1.0, tc, 20.0)
     assert full.sites == []
-    plan, log = dz.discretize(state, bb, 0.95, tc, 20.0)
+    plan, log = dz.discretize(state, bb, 0.95, tc, 20.0, top_up=False)
     assert [(s.layer, s.keep) for s in plan.sites] == [(2, 108)] and len(log) == 1
+    # top-up: the tightened site gets back the tokens that still fit, and not one more
+    plan, log = dz.discretize(state, bb, 0.95, tc, 20.0)
+    (site,) = plan.sites
+    assert site.layer == 2 and 108 < site.keep < 144 and log[-1]["top_up"]
+    assert plan.cost["flops_ratio"] <= 0.95
+    more = dz.make_plan(state, dz.argmax_choices(state), bb, 0.95, tc, 20.0, overrides={1: site.keep + 1})
+    assert more.cost["flops_ratio"] > 0.95
 
 
 def test_grid_after_a_non_grid_site_falls_back_to_topk(tiny4):

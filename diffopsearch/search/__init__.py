@@ -135,7 +135,8 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     model_name = str(_get(cfg.model, "name", "model"))
     path = _get(cfg.model, "path", "")
     model_id = f"{model_name}:{path}" if path else model_name
-    plan, res = search_plan(model, processor, train, space, settings, n_text, out_dir=out if is_main else None,
+    # every process reads the checkpoint on resume; only the main one writes (the loop sees to it)
+    plan, res = search_plan(model, processor, train, space, settings, n_text, out_dir=out,
                             accelerator=accelerator, resume=bool(_get(cfg, "resume", False)),
                             config=to_dict(cfg), model_name=model_id)
     if is_main:

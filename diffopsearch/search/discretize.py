@@ -10,8 +10,10 @@
 3. Repair: while the hard plan's cost (``cost.plan_cost``, operator overhead included) exceeds the
    budget, apply the cheapest tightening: among all candidate layers, the one-step move down the
    ladder (or out of the reweight regime) that loses the least log-probability per unit of FLOPs
-   saved. When every ladder is at its bottom, keep counts shrink directly; a budget below what
-   any plan can reach is a UserError before the search starts (:func:`min_cost_ratio`).
+   saved. The last tightened site then gets back, token by token, what still fits (a ladder step
+   is coarse). When every ladder is at its bottom, the first site's keep count shrinks directly; a
+   budget below what any plan can reach is a UserError before the search starts
+   (:func:`min_cost_ratio`).
 """
 from __future__ import annotations
 
@@ -57,27 +59,31 @@ def _r(x) -> float:
 
 
 def build_sites(state: ArchState, choices: list[Choice], knobs: dict | None = None,
-                score_logits: torch.Tensor | None = None, min_keep: list[int] | None = None) -> list:
-    """Hard sites for ``choices`` (one per candidate layer), in layer order. ``min_keep``: optional
-    per-layer cap on the keep count (the last-resort repair)."""
+                score_logits: torch.Tensor | None = None, overrides: dict[int, int] | None = None) -> list:
+    """Hard sites for ``choices`` (one per candidate layer), in layer order. ``overrides``: exact
+    keep counts for some candidate indices (capped by the tokens reaching them; grid anchors take the
+    largest realisable grid <= it): the repair's fine adjustments."""
+    from ..operators.reduce import grid_shape
     from ..plan import Site
 
     space = state.space
+    overrides = overrides or {}
     n_in = space.n_visual
     grid = tuple(space.grid)  # the incoming tokens' grid, None once a non-grid site acted
     sites = []
     for i, c in enumerate(choices):
         frac = space.ladder[c.ladder]
         keep_all = frac >= 1.0 or (c.regime is not None and c.regime == REWEIGHT)
-        cap = None if min_keep is None else min_keep[i]
-        if keep_all and cap is None:
-            continue
-        f = _site_fields(state, i, c, knobs)
-        keep = n_in if keep_all else max(1, int(round(frac * n_in)))
-        if cap is not None:
-            keep = min(keep, cap)
+        exact = overrides.get(i)
+        if exact is None:
+            if keep_all:
+                continue
+            keep = max(1, int(round(frac * n_in)))
+        else:
+            keep = max(1, min(int(exact), n_in))
         if keep >= n_in:
             continue
+        f = _site_fields(state, i, c, knobs)
         if f["anchors"] == "grid" and grid is None:
             f["anchors"] = "topk"
             if state.space.operator == "mixture":
@@ -86,11 +92,9 @@ def build_sites(state: ArchState, choices: list[Choice], knobs: dict | None = No
                 logits = score_logits[i] if score_logits is not None else torch.zeros(len(SCORES))
                 f["score"] = SCORES[int(torch.argmax(logits))]
         if f["anchors"] == "grid":
-            keep = nearest_grid_keep(keep, *grid, at_most=cap is not None)
+            keep = nearest_grid_keep(keep, *grid, at_most=exact is not None)
             if keep >= n_in:
                 continue
-            from ..operators.reduce import grid_shape
-
             grid = grid_shape(keep, *grid)
             f["score"] = "none"
         else:
@@ -133,13 +137,13 @@ def _tighten(state: ArchState, i: int, c: Choice) -> Choice | None:
 
 
 def make_plan(state: ArchState, choices: list[Choice], backbone: dict, budget: float, text_config,
-              n_text: float, method: str = "search", min_keep: list[int] | None = None):
+              n_text: float, method: str = "search", overrides: dict[int, int] | None = None):
     from ..plan import Plan
 
     with torch.no_grad():
         knobs = state.knobs() if state.space.operator == "continuous" else None
         sl = state.masked_score_logits() if state.space.operator == "continuous" else None
-    sites = build_sites(state, choices, knobs, sl, min_keep)
+    sites = build_sites(state, choices, knobs, sl, overrides)
     plan = Plan(sites=sites, backbone=dict(backbone), budget=float(budget), method=method)
     plan.cost = dict(_plan_cost_fn()(text_config, plan, state.space.n_visual, n_text))
     return plan
@@ -155,12 +159,15 @@ def min_cost_ratio(text_config, backbone: dict, n_text: float, layers) -> float:
 
 
 def discretize(state: ArchState, backbone: dict, budget: float, text_config, n_text: float,
-               choices: list[Choice] | None = None, method: str = "search"):
+               choices: list[Choice] | None = None, method: str = "search", top_up: bool = True):
     """The hard plan of the state (``choices``: start from these instead of the argmax), repaired
-    to ``cost <= budget``. Returns (plan, repair_log): one entry per tightening step."""
+    to ``cost <= budget``. Returns (plan, repair_log): one entry per tightening step.
+
+    ``top_up``: a ladder step is coarse, so the last tightening may undershoot the budget by up to
+    one step; the tightened site then gets back, token by token, as many tokens as still fit."""
     choices = list(choices if choices is not None else argmax_choices(state))
     plan = make_plan(state, choices, backbone, budget, text_config, n_text, method)
-    log = []
+    log, last = [], None
     while plan.cost["flops_ratio"] > budget:
         best = None
         for i, c in enumerate(choices):
@@ -177,35 +184,43 @@ def discretize(state: ArchState, backbone: dict, budget: float, text_config, n_t
             if best is None or key < best[0]:
                 best = (key, i, new, tp)
         if best is None:
-            plan = _shrink_until_fits(state, choices, backbone, budget, text_config, n_text, method, log)
-            break
-        _, i, new, plan = best
+            return _shrink_until_fits(state, choices, backbone, budget, text_config, n_text, method, log), log
+        _, i, new, tp = best
+        last = (i, plan)
+        plan = tp
         log.append({"layer": state.space.layers[i], "ladder": state.space.ladder[new.ladder],
                     "regime": REGIMES[new.regime] if new.regime is not None else None,
                     "flops_ratio": round(plan.cost["flops_ratio"], 5)})
         choices[i] = new
+    if top_up and last is not None:
+        i, before = last
+        layer = state.space.layers[i]
+        hi = before.cost["visual_tokens_per_layer"][layer]
+        lo = plan.cost["visual_tokens_per_layer"][layer]
+        for k in range(hi - 1, lo, -1):  # cost grows with k: the first that fits is the largest
+            tp = make_plan(state, choices, backbone, budget, text_config, n_text, method, overrides={i: k})
+            if tp.cost["flops_ratio"] <= budget and tp.cost["flops_ratio"] > plan.cost["flops_ratio"]:
+                plan = tp
+                log.append({"layer": layer, "keep": k, "top_up": True, "flops_ratio": round(tp.cost["flops_ratio"], 5)})
+                break
     return plan, log
 
 
 def _shrink_until_fits(state, choices, backbone, budget, text_config, n_text, method, log):
-    """Last resort when every ladder is at its bottom: shrink the earliest site's keep count."""
-    n = state.space.n_visual
-    caps = [n] * len(choices)
+    """Last resort when every ladder is at its bottom: shrink the first candidate site's keep count
+    (down to one token, the cheapest plan there is: :func:`min_cost_ratio`)."""
+    choices[0] = replace(choices[0], ladder=len(state.space.ladder) - 1)
+    if choices[0].regime is not None and choices[0].regime == REWEIGHT:
+        choices[0] = _tighten(state, 0, choices[0])
+    layer = state.space.layers[0]
     plan = make_plan(state, choices, backbone, budget, text_config, n_text, method)
-    for i in range(len(choices)):
-        while plan.cost["flops_ratio"] > budget:
-            current = {s.layer: s.keep for s in plan.sites}.get(state.space.layers[i])
-            cap = (current if current is not None else n) - 1
-            if cap < 1:
-                break
-            caps[i] = cap
-            # the first layer must act: give it the cheapest choice there if it emitted no site
-            if current is None:
-                choices[i] = replace(choices[i], ladder=len(state.space.ladder) - 1)
-            plan = make_plan(state, choices, backbone, budget, text_config, n_text, method, min_keep=caps)
-            log.append({"layer": state.space.layers[i], "keep": cap, "flops_ratio": round(plan.cost["flops_ratio"], 5)})
-        if plan.cost["flops_ratio"] <= budget:
-            return plan
-    raise UserError(f"budget={budget} cannot be met by any plan over candidate layers {list(state.space.layers)}: "
-                    f"the cheapest reaches a FLOPs ratio of {plan.cost['flops_ratio']:.3f} (the text tokens alone "
-                    "cost that much). Raise the budget or add earlier candidate layers.")
+    while plan.cost["flops_ratio"] > budget:
+        current = {s.layer: s.keep for s in plan.sites}.get(layer, state.space.n_visual)
+        if current <= 1:
+            raise UserError(f"budget={budget} cannot be met by any plan over candidate layers "
+                            f"{list(state.space.layers)}: the cheapest reaches a FLOPs ratio of "
+                            f"{plan.cost['flops_ratio']:.3f} (the text tokens alone cost that much). Raise the "
+                            "budget or add earlier candidate layers.")
+        plan = make_plan(state, choices, backbone, budget, text_config, n_text, method, overrides={0: current - 1})
+        log.append({"layer": layer, "keep": current - 1, "flops_ratio": round(plan.cost["flops_ratio"], 5)})
+    return plan

@@ -309,7 +309,8 @@ def test_infeasible_budget_is_a_user_error_before_the_search(tiny4, train):
 def _tiny_model_dir(path: Path) -> Path:
     from diffopsearch.backbone import toy
 
-    model = toy.build_model(0, vision={**fx.TINY_VISION, "initializer_range": 0.5},
+    # two CLIP layers: the LLaVA feature layer (-2) is then a layer's output, so the CLS score exists
+    model = toy.build_model(0, vision={**fx.TINY_VISION, "num_hidden_layers": 2, "initializer_range": 0.5},
                             text={**TEXT4, "initializer_range": 0.5})
     model.save_pretrained(path)
     toy.build_processor().save_pretrained(path)
@@ -340,9 +341,9 @@ def test_cli_search_one_and_two_processes(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    # accelerate 1.15: `--cpu --num_processes 2` alone starts one process; `--multi_gpu` starts two
+    # accelerate 1.15: `--cpu --num_processes 2` starts one process; `--multi_gpu` starts two
     # through torchrun, and without CUDA they run on the CPU (gloo), as tests/test_evaluate.py notes.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--multi_gpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            "-m", "diffopsearch", "search", f"hydra.run.dir={tmp_path / 'two'}", *args]
     two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

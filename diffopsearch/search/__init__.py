@@ -86,8 +86,14 @@ def search_plan(model, processor, train, space, settings, n_text, out_dir=None, 
         raise UserError(f"budget={settings.budget} is below what any plan can reach on this backbone and data: "
                         f"even one visual token left at layer {space.layers[0]} costs {floor:.3f} of the full "
                         f"prefill FLOPs (text tokens: {n_text:.1f} on average). Use budget >= {floor:.3f}.")
+    from .discretize import argmax_choices, make_plan
+
+    def hard_cost(state):  # the argmax plan's cost before repair, for the log
+        p = make_plan(state, argmax_choices(state), backbone, settings.budget, text_config, n_text)
+        return round(p.cost["flops_ratio"], 5)
+
     res = search(model, processor, train, space, settings, n_text, out_dir=out_dir, accelerator=accelerator,
-                 resume=resume, progress=progress, stop_after=stop_after)
+                 resume=resume, progress=progress, stop_after=stop_after, hard_cost=hard_cost)
     plan, repair = discretize(res.state, backbone, settings.budget, text_config, n_text)
     plan.seed = settings.seed
     from dataclasses import asdict
@@ -185,12 +191,14 @@ def eval_baselines(model, processor, evalset, budget: float, out: Path, common: 
         try:
             plan = make_plan(name, 1.0 if name == "none" else budget, model.config.text_config, n_visual, grid,
                              n_text, seed=seed)
-        except UserError as e:  # e.g. FastV at K=2 cannot reach a small budget: a row that says so
+            r = evaluate(model, processor, plan, evalset, out_dir=out / BASELINES_DIR / name, show=False,
+                         resume=resume, extra={"budget": 1.0 if name == "none" else budget, "method": name}, **common)
+        except UserError as e:
+            # e.g. FastV at K=2 cannot reach a small budget, or a backbone without the CLS signal:
+            # a row that says so, and the other methods still run
             rows.append({"method": name, "accuracy": None, "n": 0, "flops_ratio": None, "avg_visual_tokens": None,
-                         "prefill_ms_per_sample": None, "prefill_ms_per_batch": None, "unreachable": str(e)})
+                         "prefill_ms_per_sample": None, "prefill_ms_per_batch": None, "unavailable": str(e)})
             continue
-        r = evaluate(model, processor, plan, evalset, out_dir=out / BASELINES_DIR / name, show=False, resume=resume,
-                     extra={"budget": 1.0 if name == "none" else budget, "method": name}, **common)
         rows.append(_row(name, r))
     return rows
 
@@ -206,7 +214,7 @@ def print_comparison(rows: list[dict], budget: float) -> None:
     for r in rows:
         ms = r["prefill_ms_per_sample"]
         if r["accuracy"] is None:
-            t.add_row(r["method"], "-", "unreachable", "-", "-")
+            t.add_row(r["method"], "-", "n/a", "-", "-")
             continue
         t.add_row(r["method"], f"{100 * r['accuracy']:.2f}%", f"{r['flops_ratio']:.3f}",
                   "-" if r["avg_visual_tokens"] is None else f"{r['avg_visual_tokens']:.1f}",

@@ -1,10 +1,15 @@
 """The search loop: frozen backbone, architecture state only, under a budget (DESIGN section 3).
 
-Per step: a relaxed architecture (Gumbel noise from (seed, step)), the soft forward on a batch
-drawn from (seed, step), answer cross-entropy (+ optional KL to the unreduced model, computed once
-per batch under no_grad), plus ``lambda_b * relu(E[cost] - budget)^2`` after the warm-up, with
-``lambda_b`` raised by dual ascent while the expected cost is over budget; exponential
-temperature annealing from tau_start to tau_end.
+Per step: a relaxed architecture (Gumbel-softmax at temperature tau, noise from (seed, step)), the
+soft forward on a batch drawn from (seed, step), answer cross-entropy (+ optional KL to the
+unreduced model, computed once per batch under no_grad), plus ``lambda_b * relu(E[cost] -
+budget)^2`` after the warm-up, with ``lambda_b`` raised by dual ascent while the expected cost is
+over budget; exponential annealing of tau from tau_start to tau_end. E[cost] is taken under the
+distributions at the same temperature (softmax(logits / tau)): at the start it is the plain
+expectation, at the end nearly the cost of the argmax plan, so the expectation cannot meet the
+budget with probability mass in the tails while the plan that discretization reads does not (the
+relaxation gap). The start is the constraint itself: the keep-all probability is set so that the
+initial E[cost] equals the budget.
 
 Everything that varies from step to step is a function of (seed, step), and the checkpoint holds
 the state, the optimizer and lambda_b, so ``resume=true`` ends at the plan an uninterrupted run
@@ -26,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .relax import build_sites, expected_cost_ratio
+from .relax import build_sites, expected_cost_ratio, init_keep_for_budget
 from .state import ArchState, SearchSpace, seed_for
 
 CKPT_DIR = "checkpoint"
@@ -53,7 +58,7 @@ class SearchSettings:
     dual_lr: float = 0.5
     kl_weight: float = 0.0
     checkpoint_every: int = 50
-    init_keep: float = 0.5
+    init_keep: float | None = None  # None: the keep-all probability that puts E[cost] at the budget
 
     def key(self, space: SearchSpace, n_text: float, n_train: int) -> str:
         """Fingerprint of everything that determines the trajectory (resume refuses a mismatch)."""
@@ -289,17 +294,23 @@ class SearchResult:
 
 def search(model, processor, dataset, space: SearchSpace, settings: SearchSettings, n_text: float,
            out_dir: str | Path | None = None, accelerator=None, resume: bool = False, progress: bool = True,
-           stop_after: int | None = None, on_step: Callable[[dict], None] | None = None) -> SearchResult:
+           stop_after: int | None = None, on_step: Callable[[dict], None] | None = None,
+           hard_cost: Callable[[ArchState], float] | None = None) -> SearchResult:
     """Run the search and return the trained state. ``out_dir``: where the log and checkpoints go
     (None: nothing is written). ``stop_after``: stop after that many steps in total (simulates an
-    interruption; tests). The backbone is frozen here (requires_grad False)."""
+    interruption; tests). ``hard_cost``: optional callable giving the current argmax plan's cost
+    (logged as ``cost_argmax``). The backbone is frozen here (requires_grad False)."""
     procs = Procs(accelerator)
     model.requires_grad_(False)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     text_config = model.config.text_config
     torch.manual_seed(settings.seed)
-    state = ArchState(space, init_keep=settings.init_keep).to(device)
+    state = ArchState(space).to(device)
+    if settings.init_keep is None:
+        init_keep_for_budget(state, text_config, n_text, settings.budget, tau_at(settings, 0))
+    else:
+        state.set_init_keep(settings.init_keep)
     opt = torch.optim.Adam(state.parameters(), lr=settings.lr)
     key = settings.key(space, n_text, len(dataset))
     out = Path(out_dir) if out_dir is not None else None
@@ -334,13 +345,14 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
                 losses = answer_losses(model, _to(batch, device, dtype), sites, settings.kl_weight)
                 ce, kl, acc = losses["ce"], losses["kl"], losses["acc"]
                 task = ce + settings.kl_weight * kl
-            cost = expected_cost_ratio(state, text_config, n_text)
+            cost = expected_cost_ratio(state, text_config, n_text, temperature=tau)
             active = step >= settings.warmup_steps
             over = torch.relu(cost - settings.budget)
             penalty = lam * over ** 2 if active else torch.zeros((), device=device)
             loss = task + penalty
             opt.zero_grad(set_to_none=False)
-            loss.backward()
+            if loss.requires_grad:  # every site an identity this step and no budget term: nothing to learn
+                loss.backward()
             for p in state.parameters():  # same shapes on every process, even for unused knobs
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -350,10 +362,13 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
             opt.step()
             ce_v, kl_v, acc_v = scalars.tolist()
             cost_v = float(cost.detach())
+            with torch.no_grad():  # the relaxation gap, logged: E[cost] at T=1 and the argmax plan's cost
+                cost_p = float(expected_cost_ratio(state, text_config, n_text))
+            cost_hard = hard_cost(state) if hard_cost is not None else None
             loss_v = ce_v + settings.kl_weight * kl_v + (lam * max(0.0, cost_v - settings.budget) ** 2 if active else 0.0)
             rec = {"step": step, "loss": loss_v, "ce": ce_v, "kl": kl_v, "penalty": float(penalty.detach()),
-                   "cost": cost_v, "budget": settings.budget, "lambda": lam, "tau": tau, "train_acc": acc_v,
-                   "step_s": round(time.time() - ts, 4)}
+                   "cost": cost_v, "cost_t1": cost_p, "cost_argmax": cost_hard, "budget": settings.budget,
+                   "lambda": lam, "tau": tau, "train_acc": acc_v, "step_s": round(time.time() - ts, 4)}
             if active:  # dual ascent on the budget multiplier while the constraint is violated
                 lam = lam + settings.dual_lr * max(0.0, cost_v - settings.budget)
             last_loss = loss_v

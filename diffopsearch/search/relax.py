@@ -36,13 +36,15 @@ def _layer_flops_fn():
     return layer_flops
 
 
-def expected_cost_ratio(state: ArchState, text_config, n_text: float) -> Tensor:
-    """E[cost] / cost_full under the state's distributions (a differentiable 0-d tensor).
+def expected_cost_ratio(state: ArchState, text_config, n_text: float, temperature: float = 1.0) -> Tensor:
+    """E[cost] / cost_full under the state's distributions at ``temperature`` (a differentiable 0-d
+    tensor). The loop anneals it with tau, so the budget binds the expectation early and, as the
+    distributions sharpen towards their argmax, the plan that discretization will read.
 
     Per decoder layer the cost model's FLOPs at ``n_text`` + the expected visual tokens entering
     it; the operators' own small overhead is left to the hard plan's cost (the repair step)."""
     layer_flops = _layer_flops_fn()
-    tokens = state.expected_tokens()
+    tokens = state.expected_tokens(temperature)
     n_vis = state.space.n_visual
     full = float(layer_flops(text_config, float(n_text + n_vis))) * state.space.num_layers
     soft = sum(layer_flops(text_config, tokens[l] + n_text) for l in range(state.space.num_layers))
@@ -190,3 +192,19 @@ def build_sites(state: ArchState, sample: ArchSample, skip_identity: bool = Fals
         if not (skip_identity and identity):
             sites.append(SoftSite(layer, sample.ladder[i], state.ladder_values, choices, space, sample.tau))
     return sites
+
+
+def init_keep_for_budget(state: ArchState, text_config, n_text: float, budget: float,
+                         temperature: float = 1.0) -> float:
+    """The "keep all" probability (same at every candidate layer, the rest spread evenly) at which
+    the initial expected cost is the budget: the search starts on the constraint, neither side
+    favoured. 1.0 (no reduction) when even that fits."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # cost grows with the keep-all probability: bisection
+        mid = (lo + hi) / 2
+        state.set_init_keep(mid)
+        with torch.no_grad():
+            c = float(expected_cost_ratio(state, text_config, n_text, temperature))
+        lo, hi = (mid, hi) if c <= budget else (lo, mid)
+    state.set_init_keep(lo)
+    return lo

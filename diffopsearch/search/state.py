@@ -123,14 +123,12 @@ class ArchState(nn.Module):
 
     def __init__(self, space: SearchSpace, init_keep: float = 0.5):
         """``init_keep``: initial probability of the 1.0 (no reduction) entry at every layer, the rest
-        spread evenly, so the search starts near the unreduced model and the budget pulls it down."""
+        spread evenly (:meth:`set_init_keep`)."""
         super().__init__()
         self.space = space
         S, L = len(space.layers), len(space.ladder)
-        ladder = torch.zeros(S, L)
-        if L > 1:
-            ladder[:, 0] = math.log(init_keep * (L - 1) / max(1e-6, 1 - init_keep))
-        self.ladder_logits = nn.Parameter(ladder)
+        self.ladder_logits = nn.Parameter(torch.zeros(S, L))
+        self.set_init_keep(init_keep)
         self.register_buffer("ladder_values", torch.tensor(space.ladder, dtype=torch.float32), persistent=False)
         # attn needs a decoder layer before the site: masked out at layer 0
         avail = torch.ones(S, len(SCORES), dtype=torch.bool)
@@ -149,12 +147,20 @@ class ArchState(nn.Module):
             self.locality_raw = nn.Parameter(torch.full((S,), _softplus_inv(0.5 / LOCALITY_SCALE)))
             self.reweight_raw = nn.Parameter(torch.zeros(S))
 
-    # ---- distributions (no noise, temperature 1): what E[cost] and the plan read
-    def ladder_probs(self) -> Tensor:
-        return torch.softmax(self.ladder_logits, dim=-1)
+    @torch.no_grad()
+    def set_init_keep(self, init_keep: float) -> None:
+        L = len(self.space.ladder)
+        self.ladder_logits.zero_()
+        if L > 1:
+            p = min(max(float(init_keep), 1e-4), 1 - 1e-4)
+            self.ladder_logits[:, 0] = math.log(p * (L - 1) / (1 - p))
 
-    def regime_probs(self) -> Tensor:
-        return torch.softmax(self.regime_logits, dim=-1)
+    # ---- distributions (no noise): what E[cost] and the plan read
+    def ladder_probs(self, temperature: float = 1.0) -> Tensor:
+        return torch.softmax(self.ladder_logits / temperature, dim=-1)
+
+    def regime_probs(self, temperature: float = 1.0) -> Tensor:
+        return torch.softmax(self.regime_logits / temperature, dim=-1)
 
     def masked_score_logits(self) -> Tensor:
         return self.score_logits.masked_fill(~self.score_available, float("-inf"))
@@ -166,18 +172,19 @@ class ArchState(nn.Module):
                 "locality": f.softplus(self.locality_raw) * LOCALITY_SCALE,
                 "reweight": torch.sigmoid(self.reweight_raw)}
 
-    def expected_fraction(self) -> Tensor:
-        """(S,) expected fraction of the tokens reaching each candidate layer that leave it."""
-        keep = self.ladder_probs() @ self.ladder_values
+    def expected_fraction(self, temperature: float = 1.0) -> Tensor:
+        """(S,) expected fraction of the tokens reaching each candidate layer that leave it, under
+        the distributions at ``temperature`` (softmax(logits / T): T -> 0 is the argmax plan)."""
+        keep = self.ladder_probs(temperature) @ self.ladder_values
         if self.space.operator == "mixture":
-            w = self.regime_probs()[:, REGIMES.index("reweight")]
+            w = self.regime_probs(temperature)[:, REGIMES.index("reweight")]
             keep = w + (1 - w) * keep  # the reweight regime keeps every token
         return keep
 
-    def expected_tokens(self) -> Tensor:
+    def expected_tokens(self, temperature: float = 1.0) -> Tensor:
         """(num_layers,) expected visual tokens entering every decoder layer (independent sites:
         the expectation of the product of fractions is the product of expectations)."""
-        frac = self.expected_fraction()
+        frac = self.expected_fraction(temperature)
         per_layer = []
         running = torch.ones((), device=frac.device)
         it = dict(zip(self.space.layers, range(len(self.space.layers))))

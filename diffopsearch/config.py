@@ -89,6 +89,7 @@ class SearchConfig:
     eval_baselines: bool = False
     train_limit: Optional[int] = None
     val_limit: Optional[int] = 256
+    fill: bool = True  # a discretized plan under budget spends what is left (search/discretize.py)
 
 
 @dataclass

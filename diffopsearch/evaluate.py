@@ -135,7 +135,8 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _to_device(inputs: dict, device, dtype) -> dict:
+def to_device(inputs: dict, device, dtype) -> dict:
+    """Tensors of a batch onto ``device``; pixel values also into the model's dtype."""
     out = {}
     for k, v in inputs.items():
         if hasattr(v, "to"):
@@ -188,7 +189,7 @@ def measure_latency(reduced, dataset, processor, indices: list[int], batch_size:
     for start in range(0, len(indices), batch_size):
         recs, imgs = dataset.batch(indices[start:start + batch_size])
         if recs:
-            batches.append(_to_device(make_eval_batch(processor, recs, imgs), device, dtype))
+            batches.append(to_device(make_eval_batch(processor, recs, imgs), device, dtype))
         if len(batches) >= n_batches:
             break
     if not batches:
@@ -347,7 +348,7 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
                 for qid in {ids[i] for i in chunk} - {r["id"] for r in recs}:
                     local.append({"qid": qid, "error": dataset.image_errors.get(qid, "image failed")})
                 if recs:
-                    inputs = _to_device(make_eval_batch(processor, recs, imgs), device, dtype)
+                    inputs = to_device(make_eval_batch(processor, recs, imgs), device, dtype)
                     preds = generate_answers(reduced, processor, inputs, max_new_tokens)
                     local += [{"qid": r["id"], "prediction": p} for r, p in zip(recs, preds)]
                 _sync(device)

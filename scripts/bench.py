@@ -302,7 +302,7 @@ def instrumented(model, timers: _Timers, sync):
 
 def latency_batches(processor, dataset, batch_size: int, n_batches: int, device, dtype) -> list[dict]:
     from diffopsearch.data.datasets import make_eval_batch
-    from diffopsearch.evaluate import _to_device
+    from diffopsearch.evaluate import to_device
 
     out = []
     for start in range(0, len(dataset), batch_size):
@@ -311,7 +311,7 @@ def latency_batches(processor, dataset, batch_size: int, n_batches: int, device,
             break
         recs, imgs = dataset.batch(idx)
         if len(recs) == batch_size:
-            out.append(_to_device(make_eval_batch(processor, recs, imgs), device, dtype))
+            out.append(to_device(make_eval_batch(processor, recs, imgs), device, dtype))
         if len(out) >= n_batches:
             break
     return out

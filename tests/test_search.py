@@ -167,7 +167,7 @@ def test_plan_cost_never_exceeds_the_budget(tiny4, operator):
                 p.copy_(torch.randn(p.shape, generator=g) * 3)
             state.ladder_logits[:, 0] += 4.0  # mostly "keep all": the argmax plan is over budget
         for budget in (1.0, 0.8, 0.6, 0.4, 0.25, 0.15, floor + 1e-3):
-            plan, log = dz.discretize(state, backbone, budget, tc, 20.0)
+            plan, log = dz.discretize(state, backbone, budget, tc, 20.0, fill=trial % 2 == 1)
             assert plan.cost["flops_ratio"] <= budget + 1e-12, (trial, budget, plan.sites)
             plan.validate_for(model.config)
             from diffopsearch.cost import plan_cost
@@ -218,6 +218,23 @@ def test_repair_tightens_the_site_that_is_cheapest_to_change(tiny4):
     assert plan.cost["flops_ratio"] <= 0.95
     more = dz.make_plan(state, dz.argmax_choices(state), bb, 0.95, tc, 20.0, overrides={1: site.keep + 1})
     assert more.cost["flops_ratio"] > 0.95
+
+
+def test_fill_spends_what_is_left_of_the_budget(tiny4):
+    model, _ = tiny4
+    tc, bb = model.config.text_config, _backbone(model)
+    state = ArchState(_space(model, "mixture", layers=[0, 1, 2, 3], ladder=(1.0, 0.9, 0.7, 0.5, 0.3, 0.1)))
+    with torch.no_grad():
+        state.ladder_logits.copy_(torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0]).expand(4, 6))  # all at 0.1
+        state.regime_logits.fill_(-9.0)
+        state.regime_logits[:, REGIMES.index("prune")] = 9.0
+    lean, log = dz.discretize(state, bb, 0.6, tc, 20.0)
+    assert log == [] and lean.cost["flops_ratio"] < 0.3
+    full, log = dz.discretize(state, bb, 0.6, tc, 20.0, fill=True)
+    assert 0.6 - 0.01 < full.cost["flops_ratio"] <= 0.6 and any(e.get("fill") for e in log)
+    # every layer gives up the same log-probability per step; layer 0's step buys the most FLOPs
+    assert log[0]["layer"] == 0
+    assert dz.discretize(state, bb, 0.6, tc, 20.0, fill=True)[0].to_dict() == full.to_dict()  # deterministic
 
 
 def test_grid_after_a_non_grid_site_falls_back_to_topk(tiny4):

@@ -72,7 +72,7 @@ def settings_from(cfg):
 
 
 def search_plan(model, processor, train, space, settings, n_text, out_dir=None, accelerator=None, resume=False,
-                progress=True, config: dict | None = None, stop_after=None, model_name: str = ""):
+                progress=True, config: dict | None = None, stop_after=None, model_name: str = "", fill: bool = True):
     """Search, discretize and repair: returns (plan, SearchResult). Writes nothing but the loop's
     log / checkpoints (``out_dir``)."""
     from ..plan import backbone_info
@@ -94,7 +94,7 @@ def search_plan(model, processor, train, space, settings, n_text, out_dir=None, 
 
     res = search(model, processor, train, space, settings, n_text, out_dir=out_dir, accelerator=accelerator,
                  resume=resume, progress=progress, stop_after=stop_after, hard_cost=hard_cost)
-    plan, repair = discretize(res.state, backbone, settings.budget, text_config, n_text)
+    plan, repair = discretize(res.state, backbone, settings.budget, text_config, n_text, fill=fill)
     plan.seed = settings.seed
     from dataclasses import asdict
 
@@ -144,7 +144,7 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     # every process reads the checkpoint on resume; only the main one writes (the loop sees to it)
     plan, res = search_plan(model, processor, train, space, settings, n_text, out_dir=out,
                             accelerator=accelerator, resume=bool(_get(cfg, "resume", False)),
-                            config=to_dict(cfg), model_name=model_id)
+                            config=to_dict(cfg), model_name=model_id, fill=bool(_get(cfg.search, "fill", True)))
     if is_main:
         plan.save(out / PLAN_NAME)
         _print_plan(plan)

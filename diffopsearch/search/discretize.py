@@ -11,9 +11,10 @@
    budget, apply the cheapest tightening: among all candidate layers, the one-step move down the
    ladder (or out of the reweight regime) that loses the least log-probability per unit of FLOPs
    saved. The last tightened site then gets back, token by token, what still fits (a ladder step
-   is coarse). When every ladder is at its bottom, the first site's keep count shrinks directly; a
-   budget below what any plan can reach is a UserError before the search starts
-   (:func:`min_cost_ratio`).
+   is coarse). Optionally (``fill``) a plan under budget spends what is left the same way in
+   reverse: one-step loosenings that fit, then a token-exact top-up. When every ladder is at its
+   bottom, the first site's keep count shrinks directly; a budget below what any plan can reach is
+   a UserError before the search starts (:func:`min_cost_ratio`).
 """
 from __future__ import annotations
 
@@ -158,51 +159,77 @@ def min_cost_ratio(text_config, backbone: dict, n_text: float, layers) -> float:
     return float(_plan_cost_fn()(text_config, plan, int(backbone["visual_tokens"]), n_text)["flops_ratio"])
 
 
+def _top_up(state, choices, i, lo_plan, hi_keep, backbone, budget, text_config, n_text, method, log):
+    """The largest keep in (lo's keep at candidate i, hi_keep) whose plan still fits; ``lo_plan``
+    if none does. Cost grows with the keep count, so the first fit from the top is the largest."""
+    layer = state.space.layers[i]
+    lo = lo_plan.cost["visual_tokens_per_layer"][layer]
+    for k in range(hi_keep - 1, lo, -1):
+        tp = make_plan(state, choices, backbone, budget, text_config, n_text, method, overrides={i: k})
+        if lo_plan.cost["flops_ratio"] < tp.cost["flops_ratio"] <= budget:
+            log.append({"layer": layer, "keep": k, "top_up": True, "flops_ratio": round(tp.cost["flops_ratio"], 5)})
+            return tp
+    return lo_plan
+
+
+def _moves(state, choices, plan, step, backbone, budget, text_config, n_text, method):
+    """Every one-step ladder move (``step`` = +1 tighter, -1 looser) with its plan, its change of
+    cost and the log-probability it gives up (negative: the distribution prefers the new choice)."""
+    out = []
+    for i, c in enumerate(choices):
+        new = _tighten(state, i, c) if step > 0 else (replace(c, ladder=c.ladder - 1) if c.ladder > 0 else None)
+        if new is None:
+            continue
+        tp = make_plan(state, choices[:i] + [new] + choices[i + 1:], backbone, budget, text_config, n_text, method)
+        delta = abs(plan.cost["flops_ratio"] - tp.cost["flops_ratio"])
+        if delta <= 1e-12:
+            continue
+        out.append((_log_prob(state, i, c) - _log_prob(state, i, new), delta, i, new, tp))
+    return out
+
+
 def discretize(state: ArchState, backbone: dict, budget: float, text_config, n_text: float,
-               choices: list[Choice] | None = None, method: str = "search", top_up: bool = True):
+               choices: list[Choice] | None = None, method: str = "search", top_up: bool = True,
+               fill: bool = False):
     """The hard plan of the state (``choices``: start from these instead of the argmax), repaired
-    to ``cost <= budget``. Returns (plan, repair_log): one entry per tightening step.
+    to ``cost <= budget``. Returns (plan, log): one entry per change.
 
     ``top_up``: a ladder step is coarse, so the last tightening may undershoot the budget by up to
-    one step; the tightened site then gets back, token by token, as many tokens as still fit."""
+    one step; the tightened site then gets back, token by token, as many tokens as still fit.
+    ``fill``: a plan under budget spends what is left: one-step loosenings that fit, the one that
+    gives up the least log-probability per unit of FLOPs first, then a token-exact top-up of the
+    best loosening that did not fit."""
     choices = list(choices if choices is not None else argmax_choices(state))
     plan = make_plan(state, choices, backbone, budget, text_config, n_text, method)
     log, last = [], None
     while plan.cost["flops_ratio"] > budget:
-        best = None
-        for i, c in enumerate(choices):
-            new = _tighten(state, i, c)
-            if new is None:
-                continue
-            trial = choices[:i] + [new] + choices[i + 1:]
-            tp = make_plan(state, trial, backbone, budget, text_config, n_text, method)
-            saved = plan.cost["flops_ratio"] - tp.cost["flops_ratio"]
-            if saved <= 1e-12:
-                continue
-            loss = _log_prob(state, i, c) - _log_prob(state, i, new)
-            key = (max(loss, 0.0) / saved, -saved)
-            if best is None or key < best[0]:
-                best = (key, i, new, tp)
-        if best is None:
+        moves = _moves(state, choices, plan, +1, backbone, budget, text_config, n_text, method)
+        if not moves:
             return _shrink_until_fits(state, choices, backbone, budget, text_config, n_text, method, log), log
-        _, i, new, tp = best
-        last = (i, plan)
+        _, _, i, new, tp = min(moves, key=lambda m: (max(m[0], 0.0) / m[1], -m[1]))
+        last = (i, plan.cost["visual_tokens_per_layer"][state.space.layers[i]])
         plan = tp
         log.append({"layer": state.space.layers[i], "ladder": state.space.ladder[new.ladder],
                     "regime": REGIMES[new.regime] if new.regime is not None else None,
                     "flops_ratio": round(plan.cost["flops_ratio"], 5)})
         choices[i] = new
-    if top_up and last is not None:
-        i, before = last
-        layer = state.space.layers[i]
-        hi = before.cost["visual_tokens_per_layer"][layer]
-        lo = plan.cost["visual_tokens_per_layer"][layer]
-        for k in range(hi - 1, lo, -1):  # cost grows with k: the first that fits is the largest
-            tp = make_plan(state, choices, backbone, budget, text_config, n_text, method, overrides={i: k})
-            if tp.cost["flops_ratio"] <= budget and tp.cost["flops_ratio"] > plan.cost["flops_ratio"]:
-                plan = tp
-                log.append({"layer": layer, "keep": k, "top_up": True, "flops_ratio": round(tp.cost["flops_ratio"], 5)})
+    if fill:
+        while True:
+            moves = _moves(state, choices, plan, -1, backbone, budget, text_config, n_text, method)
+            fits = [m for m in moves if m[4].cost["flops_ratio"] <= budget]
+            if not fits:
+                if moves:  # the preferred loosening that does not fit whole: as many tokens as fit
+                    _, _, i, new, tp = min(moves, key=lambda m: (m[0] / m[1], -m[1]))
+                    last = (i, tp.cost["visual_tokens_per_layer"][state.space.layers[i]])
                 break
+            _, _, i, new, tp = min(fits, key=lambda m: (m[0] / m[1], -m[1]))
+            plan = tp
+            log.append({"layer": state.space.layers[i], "ladder": state.space.ladder[new.ladder], "fill": True,
+                        "flops_ratio": round(plan.cost["flops_ratio"], 5)})
+            choices[i] = new
+    if top_up and last is not None:
+        i, hi_keep = last
+        plan = _top_up(state, choices, i, plan, hi_keep, backbone, budget, text_config, n_text, method, log)
     return plan, log
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..evaluate import to_device
 from .relax import build_sites, expected_cost_ratio, init_keep_for_budget
 from .state import ArchState, SearchSpace, seed_for
 
@@ -59,6 +60,7 @@ class SearchSettings:
     kl_weight: float = 0.0
     checkpoint_every: int = 50
     init_keep: float | None = None  # None: the keep-all probability that puts E[cost] at the budget
+    gumbel: bool = True  # Gumbel noise in the relaxed samples (False: the tempered distributions themselves)
 
     def key(self, space: SearchSpace, n_text: float, n_train: int) -> str:
         """Fingerprint of everything that determines the trajectory (resume refuses a mismatch)."""
@@ -131,16 +133,6 @@ class Batches:
             return None
         return make_train_batch(self.processor, recs, imgs)
 
-
-def _to(batch: dict, device, dtype) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if hasattr(v, "to"):
-            v = v.to(device)
-            if k == "pixel_values" and v.is_floating_point():
-                v = v.to(dtype)
-        out[k] = v
-    return out
 
 
 def answer_losses(model, batch: dict, sites, kl_weight: float) -> dict:
@@ -335,14 +327,14 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
         for step in range(start, end):
             ts = time.time()
             tau = tau_at(settings, step)
-            sample = state.sample(step, tau, settings.seed)
+            sample = state.sample(step, tau, settings.seed, noise=settings.gumbel)
             sites = build_sites(state, sample, skip_identity=True)
             batch = batches.get(step)
             if batch is None:  # every image of this share failed to decode: contribute nothing
                 ce = kl = acc = torch.zeros((), device=device)
                 task = torch.zeros((), device=device)
             else:
-                losses = answer_losses(model, _to(batch, device, dtype), sites, settings.kl_weight)
+                losses = answer_losses(model, to_device(batch, device, dtype), sites, settings.kl_weight)
                 ce, kl, acc = losses["ce"], losses["kl"], losses["acc"]
                 task = ce + settings.kl_weight * kl
             cost = expected_cost_ratio(state, text_config, n_text, temperature=tau)
@@ -413,7 +405,7 @@ def plan_accuracy(model, processor, plan, dataset, batch_size: int = 32, procs: 
             continue
         from ..data.datasets import make_train_batch
 
-        b = _to(make_train_batch(processor, recs, imgs), device, dtype)
+        b = to_device(make_train_batch(processor, recs, imgs), device, dtype)
         labels = b.pop("labels")
         width = int((labels != -100).sum(1).max()) + 1
         fwd = reduced if reduced is not None else model

@@ -286,9 +286,11 @@ model, proc = fx.tiny_model()
 ds = load_qa("gqa", sys.argv[1])
 r = evaluate(model, proc, None, ds, batch_size=int(sys.argv[3]), max_new_tokens=1, accelerator=acc,
              out_dir=sys.argv[2], show=False, latency_batches=1)
-print("RESULT", acc.process_index, json.dumps({{"n": r["n"], "accuracy": r["accuracy"],
-      "errors": r["image_errors"]["count"], "processes": r["throughput"]["processes"]}}))
-print("SHARE", acc.process_index, json.dumps(sorted(ds.image_errors)))  # this process's own image failures
+# one file per process: the processes' stdout lines can interleave in the launcher's pipe
+with open(sys.argv[2] + f".rank{{acc.process_index}}.json", "w") as f:
+    json.dump({{"result": {{"n": r["n"], "accuracy": r["accuracy"], "errors": r["image_errors"]["count"],
+                         "processes": r["throughput"]["processes"]}},
+               "share": sorted(ds.image_errors)}}, f)  # share: this process's own image failures
 """
 
 
@@ -322,12 +324,11 @@ def test_two_processes_give_the_same_n_and_accuracy(tmp_path, tiny):
            str(script), str(data), str(tmp_path / "two"), "2"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = [json.loads(line.split(" ", 2)[2]) for line in out.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(lines) == 2 and lines[0] == lines[1]  # every process returns the main process's results
-    shares = sorted(line.split(" ", 2)[1:] for line in out.stdout.splitlines() if line.startswith("SHARE"))
+    ranks = [json.loads((tmp_path / f"two.rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["result"] == ranks[1]["result"]  # every process returns the main process's results
     # questions are dealt by index (rank r takes r::2): only rank 1 meets the broken image (index 3)
-    assert shares == [["0", "[]"], ["1", '["20000003"]']]
-    two = lines[0]
+    assert [r["share"] for r in ranks] == [[], ["20000003"]]
+    two = ranks[0]["result"]
     assert two["processes"] == 2 and two["errors"] == 1
     assert (two["n"], two["accuracy"]) == (one["n"], one["accuracy"])
     assert _answers(tmp_path / "two") == _answers(tmp_path / "one")

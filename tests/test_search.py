@@ -126,15 +126,48 @@ def test_identity_sample_gives_the_unreduced_logits(tiny4, train):
         assert torch.allclose(soft[real], ref[real], atol=1e-4), (op, (soft - ref)[real].abs().max())
 
 
+def test_a_one_hot_state_runs_exactly_the_hard_plan(tiny4, train):
+    """No relaxation gap at the end of annealing: the soft forward of a one-hot state (dropped keys
+    at log(eps), constant regime knobs exact) gives the hard plan's answer distribution."""
+    from diffopsearch.data.datasets import make_train_batch
+    from diffopsearch.patch.llava import apply_plan, soft_forward
+
+    model, proc = tiny4
+    recs, imgs = train.batch(range(4))
+    b = make_train_batch(proc, recs, imgs)
+    labels = b.pop("labels")
+    width = int((labels != -100).sum(1).max()) + 1
+    for regimes in (("pool", "prune"), ("merge", "merge")):
+        state = ArchState(_space(model, "mixture", layers=[0, 2]))
+        with torch.no_grad():
+            state.ladder_logits.fill_(-60.0)
+            state.ladder_logits[0, 1], state.ladder_logits[1, 2] = 60.0, 60.0  # 0.75 then 0.5 of that
+            state.regime_logits.fill_(-60.0)
+            for i, r in enumerate(regimes):
+                state.regime_logits[i, REGIMES.index(r)] = 60.0
+        plan = dz.make_plan(state, dz.argmax_choices(state), _backbone(model), 1.0, model.config.text_config, 20.0)
+        assert [s.keep for s in plan.sites] == [108, 54]
+        sites = relax.build_sites(state, state.sample(3, 0.1, 0, hard=True))
+        with torch.no_grad():
+            soft = soft_forward(model, b["input_ids"], sites=sites, attention_mask=b["attention_mask"],
+                                pixel_values=b["pixel_values"], position_ids=b["position_ids"], logits_to_keep=width)
+            hard = apply_plan(model, plan)(**b, logits_to_keep=width).logits
+        assert torch.allclose(soft, hard, atol=1e-4), (regimes, (soft - hard).abs().max())
+
+
+@pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("operator", ["mixture", "continuous"])
-def test_gradient_reaches_every_kind_of_state_parameter(tiny4, train, operator):
+def test_gradient_reaches_every_kind_of_state_parameter(tiny4, train, operator, hard):
     from diffopsearch.data.datasets import make_train_batch
     from diffopsearch.search.loop import answer_losses
 
     model, proc = tiny4
-    state = ArchState(_space(model, operator, layers=[1, 2]))
+    state = ArchState(_space(model, operator, layers=[1, 2]), init_keep=0.01)  # a sample that reduces
+    if operator == "continuous":
+        with torch.no_grad():  # and ranks (with grid anchors the score does not matter)
+            state.anchor_logits[:, 0] = 3.0
     recs, imgs = train.batch(range(4))
-    sites = relax.build_sites(state, state.sample(0, 1.0, 0))
+    sites = relax.build_sites(state, state.sample(0, 1.0, 0, hard=hard))
     loss = answer_losses(model, make_train_batch(proc, recs, imgs), sites, kl_weight=0.5)
     (loss["ce"] + loss["kl"]).backward()
     for name, p in state.named_parameters():

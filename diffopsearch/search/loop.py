@@ -1,15 +1,15 @@
 """The search loop: frozen backbone, architecture state only, under a budget (DESIGN section 3).
 
-Per step: a relaxed architecture (Gumbel-softmax at temperature tau, noise from (seed, step)), the
-soft forward on a batch drawn from (seed, step), answer cross-entropy (+ optional KL to the
-unreduced model, computed once per batch under no_grad), plus ``lambda_b * relu(E[cost] -
-budget)^2`` after the warm-up, with ``lambda_b`` raised by dual ascent while the expected cost is
-over budget; exponential annealing of tau from tau_start to tau_end. E[cost] is taken under the
-distributions at the same temperature (softmax(logits / tau)): at the start it is the plain
-expectation, at the end nearly the cost of the argmax plan, so the expectation cannot meet the
-budget with probability mass in the tails while the plan that discretization reads does not (the
-relaxation gap). The start is the constraint itself: the keep-all probability is set so that the
-initial E[cost] equals the budget.
+Per step: an architecture sampled from the state's distributions by Gumbel-softmax at temperature
+tau (noise from (seed, step)), straight-through by default: the forward runs exactly the sampled
+discrete architecture (dropped keys at log(eps), constant regime knobs exact), so what the loss
+sees is what a plan would do, while the gradient is the relaxed sample's. Loss: answer
+cross-entropy (+ ``kl_weight`` x KL to the unreduced model's answer distribution, computed once per
+batch under no_grad) plus ``lambda_b * relu(E[cost] - budget)^2`` after the warm-up, ``lambda_b``
+raised by dual ascent while E[cost] is over budget; tau anneals exponentially from tau_start to
+tau_end. E[cost] is under the distributions themselves (``anneal_cost``: under softmax(logits /
+tau), which approaches the argmax plan's cost). The start is the constraint itself: the keep-all
+probability is set so that the initial E[cost] equals the budget.
 
 Everything that varies from step to step is a function of (seed, step), and the checkpoint holds
 the state, the optimizer and lambda_b, so ``resume=true`` ends at the plan an uninterrupted run
@@ -61,6 +61,8 @@ class SearchSettings:
     checkpoint_every: int = 50
     init_keep: float | None = None  # None: the keep-all probability that puts E[cost] at the budget
     gumbel: bool = True  # Gumbel noise in the relaxed samples (False: the tempered distributions themselves)
+    straight_through: bool = True  # the forward sees the sampled one-hot architecture, the gradient the relaxed one
+    anneal_cost: bool = False  # E[cost] under softmax(logits / tau) instead of the distributions themselves
 
     def key(self, space: SearchSpace, n_text: float, n_train: int) -> str:
         """Fingerprint of everything that determines the trajectory (resume refuses a mismatch)."""
@@ -300,7 +302,8 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
     torch.manual_seed(settings.seed)
     state = ArchState(space).to(device)
     if settings.init_keep is None:
-        init_keep_for_budget(state, text_config, n_text, settings.budget, tau_at(settings, 0))
+        init_keep_for_budget(state, text_config, n_text, settings.budget,
+                             tau_at(settings, 0) if settings.anneal_cost else 1.0)
     else:
         state.set_init_keep(settings.init_keep)
     opt = torch.optim.Adam(state.parameters(), lr=settings.lr)
@@ -327,7 +330,7 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
         for step in range(start, end):
             ts = time.time()
             tau = tau_at(settings, step)
-            sample = state.sample(step, tau, settings.seed, noise=settings.gumbel)
+            sample = state.sample(step, tau, settings.seed, noise=settings.gumbel, hard=settings.straight_through)
             sites = build_sites(state, sample, skip_identity=True)
             batch = batches.get(step)
             if batch is None:  # every image of this share failed to decode: contribute nothing
@@ -337,7 +340,7 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
                 losses = answer_losses(model, to_device(batch, device, dtype), sites, settings.kl_weight)
                 ce, kl, acc = losses["ce"], losses["kl"], losses["acc"]
                 task = ce + settings.kl_weight * kl
-            cost = expected_cost_ratio(state, text_config, n_text, temperature=tau)
+            cost = expected_cost_ratio(state, text_config, n_text, temperature=tau if settings.anneal_cost else 1.0)
             active = step >= settings.warmup_steps
             over = torch.relu(cost - settings.budget)
             penalty = lam * over ** 2 if active else torch.zeros((), device=device)

@@ -22,9 +22,11 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .state import LARGE, REGIMES, SCORES, ArchSample, ArchState, SearchSpace
+from .state import REGIMES, SCORES, ArchSample, ArchState, SearchSpace
 
-EPS = 1e-6
+EPS = 1e-30       # forward: dropped keys get log(eps) = -69 (the toy's attention-sink logits exceed the
+#                   other keys' by > 46, so log(1e-6) would leave dropped sinks audible)
+EPS_GRAD = 1e-6   # backward: d/dm log(m + EPS_GRAD), so a dropped sink cannot send a 1e30-sized gradient
 SKIP = 1e-4  # operator choices (and grid ladder entries) lighter than this are not computed
 
 
@@ -49,6 +51,14 @@ def expected_cost_ratio(state: ArchState, text_config, n_text: float, temperatur
     full = float(layer_flops(text_config, float(n_text + n_vis))) * state.space.num_layers
     soft = sum(layer_flops(text_config, tokens[l] + n_text) for l in range(state.space.num_layers))
     return soft / full
+
+
+def log_mask(m: Tensor) -> Tensor:
+    """log(m + EPS) in the forward, the gradient of log(m + EPS_GRAD): exact removal of dropped
+    keys, bounded gradients (the multiplicative mask's derivative at m = 0 is e^(logit - max), which
+    an attention sink makes astronomically large)."""
+    soft = torch.log(m + EPS_GRAD)
+    return soft + (torch.log(m + EPS) - soft).detach()
 
 
 # ---------------------------------------------------------------- grid counts
@@ -87,9 +97,11 @@ class _Choice:
 class SoftSite:
     """One candidate layer's relaxed site for one step."""
 
-    def __init__(self, layer: int, q: Tensor, fracs: Tensor, choices: list[_Choice], space: SearchSpace, tau: float):
+    def __init__(self, layer: int, q: Tensor, fracs: Tensor, choices: list[_Choice], space: SearchSpace, tau: float,
+                 q_soft: Tensor | None = None):
         self.layer = layer
-        self.q = q                  # (L,) relaxed ladder weights
+        self.q = q                  # (L,) relaxed ladder weights (straight-through: one-hot values)
+        self.q_soft = q.detach() if q_soft is None else q_soft  # their relaxed values
         self.fracs = fracs          # (L,) ladder fractions
         self.choices = choices
         self.space = space
@@ -102,7 +114,7 @@ class SoftSite:
         rows, cols = self.space.grid
         counts = [nearest_grid_keep(float(f) * mass, rows, cols) if f < 1.0 else rows * cols
                   for f in self.fracs.tolist()]
-        keep = [i for i, w in enumerate(self.q.detach().tolist()) if w > SKIP]
+        keep = [i for i, w in enumerate(self.q_soft.tolist()) if w > SKIP]
         return self.q[keep], torch.tensor([counts[i] for i in keep], dtype=torch.float32)
 
     def __call__(self, ctx):
@@ -143,7 +155,7 @@ class SoftSite:
         # renormalise over the computed choices (the skipped ones weigh < SKIP each)
         y = (sum(ys) / total).to(x.dtype)
         s, m = sum(ss) / total, sum(ms) / total
-        own = torch.log(m + EPS)
+        own = log_mask(m)
         bias = own + sum(bs) / total
         return SoftOut(x=y, bias=bias, log_mask=own, sizes=s)
 
@@ -152,15 +164,15 @@ def _mixture_choices(sample: ArchSample, i: int, layer: int, space: SearchSpace)
     sc = space.score_at(layer)
     table = {
         "prune": ("topk", sc, 0.0, 0.0, 0.0, 0.0),
-        "merge": ("topk", sc, 1.0, LARGE, 0.0, 1.0),
-        "pool": ("grid", None, 1.0, 0.0, LARGE, 0.0),
+        "merge": ("topk", sc, 1.0, math.inf, 0.0, 1.0),   # the regimes' knobs are constants: the
+        "pool": ("grid", None, 1.0, 0.0, math.inf, 0.0),   # exact hard assignment, as in the plan
         "reweight": ("keep-all", None, 0.0, 0.0, 0.0, 1.0),
     }
     out = []
+    soft = sample.weight("regime")
     for r, name in enumerate(REGIMES):
-        w = sample.regime[i, r]
-        if float(w.detach()) > SKIP:
-            out.append(_Choice(w, *table[name]))
+        if float(soft[i, r]) > SKIP:
+            out.append(_Choice(sample.regime[i, r], *table[name]))
     return out
 
 
@@ -168,11 +180,12 @@ def _continuous_choices(sample: ArchSample, i: int, layer: int) -> list[_Choice]
     k = {name: v[i] for name, v in sample.knobs.items()}
     out = []
     w_topk, w_grid = sample.anchors[i, 0], sample.anchors[i, 1]
+    sa, ss = sample.weight("anchors"), sample.weight("score")
     for j, name in enumerate(SCORES):
-        w = w_topk * sample.score[i, j]
-        if float(w.detach()) > SKIP:
-            out.append(_Choice(w, "topk", name, k["merge"], k["sharpness"], k["locality"], k["reweight"]))
-    if float(w_grid.detach()) > SKIP:
+        if float(sa[i, 0] * ss[i, j]) > SKIP:
+            out.append(_Choice(w_topk * sample.score[i, j], "topk", name, k["merge"], k["sharpness"], k["locality"],
+                               k["reweight"]))
+    if float(sa[i, 1]) > SKIP:
         out.append(_Choice(w_grid, "grid", None, k["merge"], k["sharpness"], k["locality"], k["reweight"]))
     return out
 
@@ -188,9 +201,10 @@ def build_sites(state: ArchState, sample: ArchSample, skip_identity: bool = Fals
             choices = _mixture_choices(sample, i, layer, space)
         else:
             choices = _continuous_choices(sample, i, layer)
-        identity = float(sample.ladder[i, one].detach()) > 1 - SKIP
+        identity = float(sample.weight("ladder")[i, one]) > 1 - SKIP
         if not (skip_identity and identity):
-            sites.append(SoftSite(layer, sample.ladder[i], state.ladder_values, choices, space, sample.tau))
+            sites.append(SoftSite(layer, sample.ladder[i], state.ladder_values, choices, space, sample.tau,
+                                  q_soft=sample.weight("ladder")[i]))
     return sites
 
 

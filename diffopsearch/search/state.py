@@ -26,10 +26,6 @@ REGIMES = ("prune", "merge", "pool", "reweight")
 SCORES = ("attn", "cls", "norm")
 ANCHORS = ("topk", "grid")
 KNOBS = ("merge", "sharpness", "locality", "reweight")
-# The named regimes as points of the knob space (DESIGN section 2). "Large" sharpness / locality:
-# cos similarities lie in [-1, 1] and squared grid distances are >= 1 between distinct cells, so
-# 30 makes the softmax over anchors one-hot up to ~1e-13.
-LARGE = 30.0
 SHARPNESS_SCALE = 10.0  # beta = softplus(raw) * scale: Adam steps of ~lr move beta by ~lr * scale
 LOCALITY_SCALE = 1.0
 
@@ -37,8 +33,8 @@ LOCALITY_SCALE = 1.0
 def regime_knobs(regime: str, score: str, large: float = math.inf) -> dict:
     """The Site fields (besides layer / keep) of a named regime ranking by ``score`` (see
     :meth:`SearchSpace.score_at`: a site before layer 0 has no earlier decoder layer's attention).
-    ``large``: the "large" sharpness / locality (inf in hard plans: exact nearest / most similar
-    anchor, as the baselines use; the soft forward uses the finite LARGE)."""
+    ``large``: the "large" sharpness / locality (inf: the exact most similar / nearest anchor, as
+    the baselines use; the soft forward uses the same constants)."""
     if regime == "prune":
         return dict(score=score, anchors="topk", merge=0.0, sharpness=0.0, locality=0.0, reweight=0.0)
     if regime == "merge":
@@ -111,11 +107,23 @@ class ArchSample:
     score: Tensor | None = None         # (S, 3) continuous mode
     anchors: Tensor | None = None       # (S, 2) continuous mode
     knobs: dict = field(default_factory=dict)  # continuous mode: name -> (S,)
+    soft: dict = field(default_factory=dict)   # name -> the relaxed values (detached), for deciding
+    #                                            what is worth computing when the forward is hard
+
+    def weight(self, name: str) -> Tensor:
+        """The relaxed (detached) values of ``name``: what a choice is worth to the gradient."""
+        return self.soft.get(name, getattr(self, name).detach())
 
 
-def _gumbel_softmax(logits: Tensor, tau: float, noise: Tensor | None) -> Tensor:
+def _gumbel_softmax(logits: Tensor, tau: float, noise: Tensor | None, hard: bool = False) -> Tensor:
+    """Relaxed one-hot sample; ``hard``: straight-through (the forward sees the exact one-hot of the
+    sample, the gradient is the relaxed sample's)."""
     z = logits if noise is None else logits + noise.to(logits.device, logits.dtype)
-    return torch.softmax(z / tau, dim=-1)
+    y = torch.softmax(z / tau, dim=-1)
+    if not hard:
+        return y, y.detach()
+    one = torch.zeros_like(y).scatter_(-1, y.argmax(-1, keepdim=True), 1.0)
+    return one - y.detach() + y, y.detach()
 
 
 class ArchState(nn.Module):
@@ -195,21 +203,21 @@ class ArchState(nn.Module):
         return torch.stack(per_layer) * self.space.n_visual
 
     # ---- one relaxed sample per step
-    def sample(self, step: int, tau: float, seed: int, noise: bool = True) -> ArchSample:
-        """Gumbel-softmax relaxation at temperature ``tau``; the noise depends only on (seed, step)."""
+    def sample(self, step: int, tau: float, seed: int, noise: bool = True, hard: bool = False) -> ArchSample:
+        """Gumbel-softmax relaxation at temperature ``tau``; the noise depends only on (seed, step).
+        ``hard``: straight-through samples (exact one-hot forward, relaxed gradient)."""
         S = len(self.space.layers)
 
         def draw(shape, stream):
             return gumbel(shape, seed, step, stream) if noise else None
 
-        out = ArchSample(tau=tau, ladder=_gumbel_softmax(self.ladder_logits, tau, draw(self.ladder_logits.shape, 0)))
+        out = ArchSample(tau=tau, ladder=None)
+        out.ladder, out.soft["ladder"] = _gumbel_softmax(self.ladder_logits, tau, draw(self.ladder_logits.shape, 0), hard)
         if self.space.operator == "mixture":
-            out.regime = _gumbel_softmax(self.regime_logits, tau, draw((S, len(REGIMES)), 1))
+            out.regime, out.soft["regime"] = _gumbel_softmax(self.regime_logits, tau, draw((S, len(REGIMES)), 1), hard)
         else:
-            logits = self.masked_score_logits()
-            n = draw((S, len(SCORES)), 2)
-            out.score = _gumbel_softmax(logits, tau, n)
-            out.anchors = _gumbel_softmax(self.anchor_logits, tau, draw((S, len(ANCHORS)), 3))
+            out.score, out.soft["score"] = _gumbel_softmax(self.masked_score_logits(), tau, draw((S, len(SCORES)), 2), hard)
+            out.anchors, out.soft["anchors"] = _gumbel_softmax(self.anchor_logits, tau, draw((S, len(ANCHORS)), 3), hard)
             out.knobs = self.knobs()
         return out
 

@@ -84,3 +84,31 @@ def test_shipped_backbone_quality_on_the_test_split(monkeypatch):
     res = _shipped_accuracy()
     assert res["accuracy"] >= 0.85, res
     assert min(res["per_family"].values()) >= 0.60, res
+
+
+def test_packed_training_batch_gives_each_question_the_single_prompt_logits():
+    """The recipe packs several questions per image (shared prefix, block mask, restarted positions);
+    each one must see exactly what the evaluation's single-question prompt shows the model."""
+    from diffopsearch.backbone import train
+
+    torch.manual_seed(0)
+    model, tok = toy.build_model(seed=2, **TINY), toy.build_processor().tokenizer
+    batch = train.make_batch(tok, random.Random(1), images=2, questions=5, max_objects=8)
+    assert len(set(batch.families)) == 5 and int(batch.row.max()) == 1
+    feats, _ = train.features(model, pixels([world.render(s) for s in batch.scenes]))
+    img = batch.ids == model.config.image_token_index
+    emb = model.get_input_embeddings()(batch.ids).masked_scatter(img[..., None], feats)
+    n_prefix = int(img[0].nonzero()[-1]) + 1
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=emb, attention_mask=batch.mask,
+                                            position_ids=batch.pos).last_hidden_state
+        for n in range(len(batch.row)):
+            r, a = int(batch.row[n]), int(batch.answer[n])
+            start = a - (int(batch.pos[r, a]) - n_prefix)
+            ids = torch.cat([batch.ids[r, :n_prefix], batch.ids[r, start:a]])[None]
+            prompt = tok.decode(ids[0, n_prefix:])
+            assert prompt.endswith("assistant :") and tok.convert_ids_to_tokens(int(batch.ids[r, a + 1])) == "</s>"
+            single = model(input_ids=ids, pixel_values=pixels([world.render(batch.scenes[r])]), logits_to_keep=1)
+            assert torch.allclose(single.logits[0, -1], model.lm_head(hidden[r, a - 1]), atol=1e-5), prompt
+            nouns = tok.convert_ids_to_tokens(batch.ids[r, batch.nouns[n]].tolist())
+            assert all(w in train.NOUNS for w in nouns) and all(w in prompt.split() for w in nouns)

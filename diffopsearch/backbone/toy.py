@@ -31,7 +31,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
               image_size=world.IMAGE_SIZE, patch_size=world.CELL, projection_dim=128)
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+            num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=1e6,
             tie_word_embeddings=False)
 
 

@@ -115,9 +115,9 @@ class ArchSample:
         return self.soft.get(name, getattr(self, name).detach())
 
 
-def _gumbel_softmax(logits: Tensor, tau: float, noise: Tensor | None, hard: bool = False) -> Tensor:
-    """Relaxed one-hot sample; ``hard``: straight-through (the forward sees the exact one-hot of the
-    sample, the gradient is the relaxed sample's)."""
+def _gumbel_softmax(logits: Tensor, tau: float, noise: Tensor | None, hard: bool = False) -> tuple[Tensor, Tensor]:
+    """Relaxed one-hot sample and its detached relaxed values; ``hard``: straight-through (the
+    forward sees the exact one-hot of the sample, the gradient is the relaxed sample's)."""
     z = logits if noise is None else logits + noise.to(logits.device, logits.dtype)
     y = torch.softmax(z / tau, dim=-1)
     if not hard:

@@ -55,9 +55,8 @@ class DatasetConfig:
     images_config: Optional[str] = None  # GQA keeps images in a second config; VQAv2 inline
     split: str = "test"  # evaluation split (HF slice syntax allowed: "val[:1000]")
     search_split: str = "train"  # what the search trains its few architecture scalars on
-    val_split: str = "validation"  # what the search selects on
-    # search_split / val_split may live in other configs than the eval split (GQA: testdev is
-    # its own config); null = the same configs as the eval split.
+    # search_split may live in other configs than the eval split (GQA: testdev is its own
+    # config); null = the same configs as the eval split.
     search_questions_config: Optional[str] = None
     search_images_config: Optional[str] = None
     metric: str = "gqa"  # gqa (exact match) | vqa (VQAv2 soft accuracy)
@@ -88,7 +87,6 @@ class SearchConfig:
     checkpoint_every: int = 50
     eval_baselines: bool = False
     train_limit: Optional[int] = None
-    val_limit: Optional[int] = 256
     fill: bool = True  # a discretized plan under budget spends what is left (search/discretize.py)
 
 
@@ -231,7 +229,6 @@ def validate(cfg: DictConfig) -> None:
         _at_least("search.warmup_steps", s.warmup_steps, 0)
         _at_least("search.checkpoint_every", s.checkpoint_every, 1)
         _at_least("search.train_limit", s.train_limit, 1, allow_none=True)
-        _at_least("search.val_limit", s.val_limit, 1, allow_none=True)
         if not s.lr > 0:
             raise UserError(f"search.lr={s.lr!r} is not valid: the learning rate must be > 0.")
         if not (0 < s.tau_end <= s.tau_start):

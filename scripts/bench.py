@@ -99,7 +99,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.random_model = a.random_model or q
     a.figure = Path(a.figure) if a.figure else Path(a.out).resolve().parent / "docs" / "benchmarks_pareto.png"
     a.max_new_tokens = 2 if q else 16
-    a.search_overrides = (["search.steps=2", "search.val_limit=4", "search.train_limit=16", "search.batch_size=4",
+    a.search_overrides = (["search.steps=2", "search.train_limit=16", "search.batch_size=4",
                            "search.checkpoint_every=1", "search.warmup_steps=1"] if q else []) + list(a.search)
     for b in a.budgets:
         if not 0 < b <= 1:
@@ -555,8 +555,7 @@ def document(a, argv, info, model_desc, dataset_desc, evals, searches, latency, 
           f"- backbone: {model_desc}",
           f"- data: {dataset_desc}; seed {a.seed}; eval batch size {a.batch_size}, greedy, max {a.max_new_tokens} new tokens",
           f"- search: `diffopsearch search` defaults" + (f" plus `{' '.join(a.search_overrides)}`" if a.search_overrides
-                                                        else "") + ", trained on the train split, selected on the "
-          "validation split; the test questions above are never seen by it", ""]
+                                                        else "") + ", trained on the train split; the test questions above are never seen by it", ""]
     if a.quick or a.random_model:
         L += ["> **This is a smoke run on a random-weight model** (`--quick` / `--random-model`): the numbers say "
               "nothing about the method.", ""]

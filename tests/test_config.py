@@ -79,9 +79,9 @@ def test_shipped_values_match_the_schema_in_helpers():
     assert (gqa.path, gqa.questions_config, gqa.images_config, gqa.split, gqa.metric) == (
         "lmms-lab-encoder/GQA", "testdev_balanced_instructions", "testdev_balanced_images", "testdev", "gqa")
     vqa = C.compose("eval", ["dataset=vqav2"]).dataset
-    assert (vqa.path, vqa.split, vqa.metric) == ("lmms-lab-encoder/VQAv2", "validation", "vqa")
+    assert (vqa.path, vqa.split, vqa.metric) == ("lmms-lab-encoder/VQAv2", "validation[4000:]", "vqa")
     tds = C.compose("eval").dataset
-    assert (tds.path, tds.split, tds.search_split, tds.val_split) == ("", "test", "train", "validation")
+    assert (tds.path, tds.split, tds.search_split) == ("", "test", "train")
     assert C.compose("search").budget == 0.6 and C.compose("eval").budget == 1.0
     assert C.compose("search").search.operator == "continuous"
     mix = C.compose("search", ["search=mixture"]).search
@@ -241,7 +241,7 @@ def test_schema_fields_cover_helpers_md():
     fields = {f.name for f in dataclasses.fields(C.SearchConfig)}
     assert fields >= {"operator", "steps", "lr", "batch_size", "candidate_layers", "ladder", "tau_start",
                       "tau_end", "warmup_steps", "lambda_init", "dual_lr", "kl_weight", "checkpoint_every",
-                      "eval_baselines", "train_limit", "val_limit"}
+                      "eval_baselines", "train_limit"}
     top = {f.name for f in dataclasses.fields(C.EvalApp)}
     assert top >= {"model", "dataset", "plan", "budget", "ckpt", "limit", "batch_size", "max_new_tokens",
                    "seed", "resume", "num_workers"}

@@ -134,3 +134,27 @@ def test_train_batch_labels_only_the_answer(tmp_path):
         assert lab == answer and (labels[i, -len(answer):] == ids[i, -len(answer):]).all()
         assert batch["position_ids"][i, -1].item() == len(row) - 1
     assert tok.decode(labels[1][labels[1] != -100][:-1]) == "red circle"
+
+
+@pytest.mark.parametrize("a, b, overlap", [
+    ("train", "test", False),
+    ("validation[:4000]", "validation[4000:]", False),
+    ("validation[:4000]", "validation", True),
+    ("validation[:4000]", "validation[3999:5000]", True),
+    ("val[:4000]", "testdev", False),
+    ("val[-1000:]", "val[:4000]", True),  # relative to the end: not known to be disjoint
+])
+def test_search_and_eval_splits_overlap(a, b, overlap):
+    from diffopsearch.data.datasets import splits_overlap
+
+    assert splits_overlap(a, b) is overlap and splits_overlap(b, a) is overlap
+
+
+def test_every_shipped_dataset_keeps_the_search_off_the_eval_questions():
+    from diffopsearch import config as C
+    from diffopsearch.data.datasets import splits_overlap
+
+    for name in ("toy", "gqa", "vqav2"):
+        ds = C.compose("search", [f"dataset={name}"]).dataset
+        same_config = (ds.search_questions_config or ds.questions_config) == ds.questions_config
+        assert not (same_config and splits_overlap(ds.search_split, ds.split)), name

@@ -148,11 +148,36 @@ def _get(cfg, key, default=None):
     return getattr(cfg, key, default)
 
 
+def splits_overlap(a: str, b: str) -> bool:
+    """Whether two split specs in HF slice syntax (``val``, ``validation[:4000]``,
+    ``validation[4000:]``) may share questions. Only two absolute row ranges of the same split are
+    known to be disjoint without loading it; anything else of the same split counts as overlapping."""
+    import re
+
+    def parse(s):
+        m = re.fullmatch(r"\s*([^\[\]]+?)\s*(?:\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\])?\s*", s)
+        if not m:
+            return s, None
+        lo, hi = m.group(2), m.group(3)
+        if m.group(2) is None:
+            return m.group(1), None
+        if lo.startswith("-") or hi.startswith("-"):
+            return m.group(1), None  # relative to the end: unknown without the length
+        return m.group(1), (int(lo or 0), int(hi) if hi else float("inf"))
+
+    (na, ra), (nb, rb) = parse(a), parse(b)
+    if na != nb:
+        return False
+    if ra is None or rb is None:
+        return True
+    return max(ra[0], rb[0]) < min(ra[1], rb[1])
+
+
 def load_from_config(dataset_cfg, split: str | None = None, limit: int | None = None,
                      search: bool = False) -> "QADataset":
     """A :class:`QADataset` from ``cfg.dataset`` (name, path, questions_config, images_config, split).
 
-    ``split`` overrides ``dataset_cfg.split`` (the search passes ``search_split`` / ``val_split``);
+    ``split`` overrides ``dataset_cfg.split`` (the search passes ``search_split``);
     ``search=True`` prefers ``search_questions_config`` / ``search_images_config`` where set (GQA
     keeps its train / val questions in other configs than testdev)."""
     qc, ic = _get(dataset_cfg, "questions_config"), _get(dataset_cfg, "images_config")

@@ -113,7 +113,7 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
 
     from ..backbone.load import load_backbone
     from ..config import to_dict, validate
-    from ..data.datasets import load_from_config, load_qa
+    from ..data.datasets import load_from_config, load_qa, splits_overlap
     from ..evaluate import evaluate, make_accelerator, mean_prompt_text_tokens, output_dir
 
     validate(cfg)
@@ -130,10 +130,12 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
                     _get(cfg.search, "train_limit"))
     limit = _get(cfg, "limit")
     evalset = load_from_config(ds, limit=None if limit is None else int(limit))
-    if train.split == evalset.split and train.path == evalset.path and \
+    if splits_overlap(train.split, evalset.split) and train.path == evalset.path and \
             (_get(ds, "search_questions_config") or _get(ds, "questions_config")) == _get(ds, "questions_config"):
-        raise UserError(f"dataset.search_split={train.split!r} is the evaluation split: the search must never see the "
-                        "split its results are reported on; use the train split (dataset.search_split=train).")
+        raise UserError(f"dataset.search_split={train.split!r} overlaps the evaluation split "
+                        f"dataset.split={evalset.split!r}: the search must never see the questions its results are "
+                        "reported on; use another split (dataset.search_split=train) or disjoint row ranges "
+                        "(search_split='validation[:4000]' with split='validation[4000:]').")
     model, processor = load_backbone(cfg.model, device=accelerator.device if multi else None)
     space = make_space(model.config, cfg.search)
     settings = settings_from(cfg)

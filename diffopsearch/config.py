@@ -73,7 +73,7 @@ class PlanConfig:
 @dataclass
 class SearchConfig:
     operator: str = "continuous"  # continuous knobs | mixture over named regimes
-    steps: int = 150
+    steps: int = 120
     lr: float = 0.05
     batch_size: int = 16
     candidate_layers: Optional[List[int]] = None  # null = every layer the backbone allows

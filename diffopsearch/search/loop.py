@@ -49,7 +49,7 @@ class SearchSettings:
     budget: float = 0.6
     seed: int = 0
     operator: str = "continuous"
-    steps: int = 150
+    steps: int = 120
     lr: float = 0.05
     batch_size: int = 16
     tau_start: float = 1.0

@@ -74,12 +74,12 @@ class PlanConfig:
 class SearchConfig:
     operator: str = "continuous"  # continuous knobs | mixture over named regimes
     steps: int = 120
-    lr: float = 0.05
+    lr: float = 0.2
     batch_size: int = 16
     candidate_layers: Optional[List[int]] = None  # null = every layer the backbone allows
     ladder: List[float] = field(default_factory=lambda: list(DEFAULT_LADDER))
     tau_start: float = 1.0
-    tau_end: float = 0.1
+    tau_end: float = 0.3
     warmup_steps: int = 10
     lambda_init: float = 1.0
     dual_lr: float = 0.5
@@ -88,6 +88,8 @@ class SearchConfig:
     eval_baselines: bool = False
     train_limit: Optional[int] = None
     fill: bool = True  # a discretized plan under budget spends what is left (search/discretize.py)
+    straight_through: bool = True  # the forward runs the sampled one-hot architecture (search/loop.py)
+    anneal_cost: bool = True  # E[cost] under softmax(logits / tau): at low tau, the argmax plan's cost
 
 
 @dataclass

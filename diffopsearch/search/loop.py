@@ -50,10 +50,10 @@ class SearchSettings:
     seed: int = 0
     operator: str = "continuous"
     steps: int = 120
-    lr: float = 0.05
+    lr: float = 0.2
     batch_size: int = 16
     tau_start: float = 1.0
-    tau_end: float = 0.1
+    tau_end: float = 0.3
     warmup_steps: int = 10
     lambda_init: float = 1.0
     dual_lr: float = 0.5
@@ -62,7 +62,7 @@ class SearchSettings:
     init_keep: float | None = None  # None: the keep-all probability that puts E[cost] at the budget
     gumbel: bool = True  # Gumbel noise in the relaxed samples (False: the tempered distributions themselves)
     straight_through: bool = True  # the forward sees the sampled one-hot architecture, the gradient the relaxed one
-    anneal_cost: bool = False  # E[cost] under softmax(logits / tau) instead of the distributions themselves
+    anneal_cost: bool = True  # E[cost] under softmax(logits / tau) instead of the distributions themselves
 
     def key(self, space: SearchSpace, n_text: float, n_train: int) -> str:
         """Fingerprint of everything that determines the trajectory (resume refuses a mismatch)."""

@@ -303,7 +303,7 @@ def test_search_runs_and_writes_a_valid_plan_log_and_checkpoint(tmp_path, tiny4,
     lines = [json.loads(x) for x in (tmp_path / LOG_NAME).read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1, 2, 3]
     assert {"loss", "cost", "budget", "lambda", "tau"} <= set(lines[0])
-    assert lines[0]["tau"] == 1.0 and lines[-1]["tau"] == pytest.approx(0.1)
+    assert lines[0]["tau"] == 1.0 and lines[-1]["tau"] == pytest.approx(_settings().tau_end)
     assert (tmp_path / CKPT_DIR / "search_state.safetensors").exists()
     assert json.loads((tmp_path / CKPT_DIR / "search_state.json").read_text())["step"] == 4
 

@@ -13,8 +13,9 @@ sit at the answer prior, because binding question words to image regions is hard
   throw-away heads, its row and column. Visual tokens then "speak the words" the question uses;
 * attention *grounding* (:func:`grounding_loss`): two heads of an early layer, at the nouns of the
   question's noun phrases, and two heads of a middle layer, at the answer position, are taught to
-  attend to the objects each phrase refers to (plus BOS as a sink). Without it the model spreads
-  its attention evenly over the 144 tokens for thousands of steps, even on one-object scenes;
+  attend to the objects each phrase refers to (plus BOS as a sink). Without it the answer
+  position spread its attention evenly over the 144 tokens (measured: still at the answer prior
+  after 760 packed steps; 60% train accuracy after 400 steps even on one-object scenes);
 * a global loss on the vision tower's CLS token (which colour-shape pairs the scene contains), so
   CLS attention is meaningful, as in CLIP (the PruMerge / VisionZip baselines rely on it);
 * a curriculum from few objects to the full scenes, and the answer-token loss only.

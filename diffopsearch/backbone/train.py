@@ -135,10 +135,11 @@ def make_batch(tokenizer, rng: random.Random, images: int, questions: int, max_o
             if got is None:
                 continue
             q, a, _, g = got
-            branch = tokenizer(f"{q}{POST_PROMPT} ASSISTANT: {a}", add_special_tokens=False)["input_ids"]
-            branch.append(tokenizer.eos_token_id)
-            n_q = len(tokenizer(q, add_special_tokens=False)["input_ids"])
-            at = [i for i, t in enumerate(branch[:n_q]) if t in nouns]  # not the answer (it may be a shape)
+            # word-level tokenizer: the question's tokens then the rest's are the whole branch's
+            question_ids = tokenizer(q, add_special_tokens=False)["input_ids"]
+            rest = tokenizer(f"{POST_PROMPT} ASSISTANT: {a}", add_special_tokens=False)["input_ids"]
+            branch = question_ids + rest + [tokenizer.eos_token_id]
+            at = [i for i, t in enumerate(question_ids) if t in nouns]  # not the answer (it may be a shape)
             noun_at.append((len(ids) + at[0], len(ids) + at[-1]))
             answer.append(len(ids) + len(branch) - 2)
             row.append(len(scenes))

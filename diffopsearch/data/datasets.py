@@ -154,16 +154,14 @@ def splits_overlap(a: str, b: str) -> bool:
     known to be disjoint without loading it; anything else of the same split counts as overlapping."""
     import re
 
-    def parse(s):
+    def parse(s):  # -> (split name, absolute row range or None when unknown / the whole split)
         m = re.fullmatch(r"\s*([^\[\]]+?)\s*(?:\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\])?\s*", s)
         if not m:
             return s, None
-        lo, hi = m.group(2), m.group(3)
-        if m.group(2) is None:
-            return m.group(1), None
-        if lo.startswith("-") or hi.startswith("-"):
-            return m.group(1), None  # relative to the end: unknown without the length
-        return m.group(1), (int(lo or 0), int(hi) if hi else float("inf"))
+        name, lo, hi = m.groups()
+        if lo is None or lo.startswith("-") or hi.startswith("-"):  # negative: relative to the end
+            return name, None
+        return name, (int(lo or 0), int(hi) if hi else float("inf"))
 
     (na, ra), (nb, rb) = parse(a), parse(b)
     if na != nb:

@@ -1,4 +1,4 @@
-"""`diffopsearch {search,eval,report,prepare} [hydra overrides...]`.
+"""`diffopsearch {search,eval,report,prepare,show} [hydra overrides...]`.
 
 Each subcommand is an ordinary Hydra app (version_base 1.3) over the configs shipped in
 ``diffopsearch/conf``: ``--help``, ``--cfg job``, ``-m``, ``hydra.run.dir=DIR`` work as in any
@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import hydra
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # registers the structured-config schemas
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 log = logging.getLogger("diffopsearch")
 
@@ -36,6 +37,7 @@ COMMANDS = {
     "eval": "evaluate the unreduced model, a baseline (plan=NAME) or a searched plan (ckpt=PATH)",
     "report": "collect the results.json files below dir=DIR into report.md and pareto.png",
     "prepare": "build or find the embedded toy backbone and toy world, and print where they are",
+    "show": "print a plan (ckpt=PATH) in words, its visual tokens per layer, cost and accuracy",
 }
 
 # What each command runs: (module, function), imported only when the command runs, so that
@@ -45,6 +47,7 @@ BODIES = {
     "eval": ("diffopsearch.evaluate", "run"),
     "report": ("diffopsearch.report", "run"),
     "prepare": ("diffopsearch.cli", "prepare"),
+    "show": ("diffopsearch.show", "run"),
 }
 
 USAGE = """\
@@ -64,6 +67,7 @@ examples:
   diffopsearch eval ckpt=outputs/DATE/TIME_search
   diffopsearch search -m budget=0.8,0.6,0.4,0.25
   diffopsearch report dir=multirun/DATE/TIME_search
+  diffopsearch show ckpt=outputs/DATE/TIME_search
 """
 
 
@@ -217,11 +221,56 @@ def _run_task(command: str, cfg: DictConfig) -> Any:
             return None
         _print_user_error(command, err, cfg)
         raise SystemExit(UserError.exit_code)
+    except KeyboardInterrupt as err:  # Ctrl-C: one line that says how to go on, exit 130 (a sweep stops too)
+        if _traceback_wanted(cfg):
+            traceback.print_exc()
+        sys.stderr.write(f"{interrupted_message(command, err)}\n")
+        sys.stderr.flush()
+        raise SystemExit(Interrupted.exit_code) from None
     except Exception as err:
         if multirun:
             _record_failure(command, err, user=False)
             return None
         raise  # a bug: Hydra prints the stack and exits 1
+
+
+def interrupted_message(command: str, err: BaseException) -> str:
+    """``diffopsearch search: interrupted at step 37 of 120 (last checkpoint: step 25); rerun with ...``"""
+    where = err.where if isinstance(err, Interrupted) else ""
+    head = f"diffopsearch {command}: interrupted" + (f" {where}" if where else "")
+    run_dir = _hydra_runtime()[1]
+    if command == "search":
+        return (f"{head}; rerun with resume=true (same hydra.run.dir={_quote_override_value(run_dir)}) to continue "
+                "from the last checkpoint")
+    if command == "eval":
+        return (f"{head}; rerun the same command from the same working directory to continue: the answers made "
+                "so far are cached in outputs/.answers and are not computed again")
+    return f"{head}; nothing was lost, rerun the command to finish"
+
+
+class OutputDirCheck(Callback):
+    """Hydra callback (conf/search.yaml, conf/eval.yaml): the run (or sweep) directory must be
+    writable, checked before Hydra creates it, so a bad ``hydra.run.dir`` is bad input (exit 2, one
+    line) rather than a stack from Hydra's own mkdir."""
+
+    def _check(self, config: DictConfig, key: str) -> None:
+        from .io import check_writable_dir
+
+        path, command = OmegaConf.select(config, key), OmegaConf.select(config, "hydra.job.name")
+        if not path:
+            return
+        try:
+            check_writable_dir(path)
+        except UserError as err:
+            sys.stderr.write(f"diffopsearch {command}: error: {key}: {err}\n")
+            sys.stderr.flush()
+            raise SystemExit(UserError.exit_code) from None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
 
 
 # Plain module-level functions (not the decorated ones) are what Hydra hands to its launchers,
@@ -242,6 +291,10 @@ def prepare_task(cfg: DictConfig) -> Any:
     return _run_task("prepare", cfg)
 
 
+def show_task(cfg: DictConfig) -> Any:
+    return _run_task("show", cfg)
+
+
 def _hydra_app(command: str, task: Callable) -> Callable[[], None]:
     return hydra.main(version_base="1.3", config_path="pkg://diffopsearch.conf", config_name=command)(task)
 
@@ -251,6 +304,7 @@ APPS = {
     "eval": _hydra_app("eval", eval_task),
     "report": _hydra_app("report", report_task),
     "prepare": _hydra_app("prepare", prepare_task),
+    "show": _hydra_app("show", show_task),
 }
 
 

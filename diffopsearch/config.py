@@ -1,7 +1,7 @@
 """Structured configs: the schema every command's configuration is checked against.
 
 Each subcommand has one top-level dataclass (``SearchApp``, ``EvalApp``, ``ReportApp``,
-``PrepareApp``) registered in Hydra's ConfigStore as ``<app>_schema``; the shipped YAML
+``PrepareApp``, ``ShowApp``) registered in Hydra's ConfigStore as ``<app>_schema``; the shipped YAML
 (``diffopsearch/conf/<app>.yaml``) lists it first in its defaults, so Hydra types every node:
 an unknown key or a wrong type (``budget=abc``) is refused with Hydra's own message. The group
 files (``model/``, ``dataset/``, ``search/``, ``plan/``) merge into nodes typed by ``ModelConfig``,
@@ -23,7 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import UserError
 
-APPS = ("search", "eval", "report", "prepare")
+APPS = ("search", "eval", "report", "prepare", "show")
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_DEVICES = ("auto", "cpu", "cuda")
@@ -90,6 +90,9 @@ class SearchConfig:
     fill: bool = True  # a discretized plan under budget spends what is left (search/discretize.py)
     straight_through: bool = True  # the forward runs the sampled one-hot architecture (search/loop.py)
     anneal_cost: bool = True  # E[cost] under softmax(logits / tau): at low tau, the argmax plan's cost
+    grad_clip: float = 10.0  # max L2 norm of the architecture-state gradient per step (0 = no clipping; search/loop.py)
+    select_samples: int = 6  # plans sampled from the learned distributions besides the argmax (search/select.py)
+    select_questions: int = 384  # held-out search-split questions that choose among them (0 = argmax only)
 
 
 @dataclass
@@ -153,7 +156,13 @@ class PrepareApp:
     debug: bool = False
 
 
-SCHEMAS = {"search": SearchApp, "eval": EvalApp, "report": ReportApp, "prepare": PrepareApp}
+@dataclass
+class ShowApp:
+    ckpt: Optional[str] = None  # a plan.json, or a run dir holding one (found as eval finds it)
+    debug: bool = False
+
+
+SCHEMAS = {"search": SearchApp, "eval": EvalApp, "report": ReportApp, "prepare": PrepareApp, "show": ShowApp}
 
 
 def register() -> None:
@@ -231,7 +240,9 @@ def validate(cfg: DictConfig) -> None:
         _at_least("search.warmup_steps", s.warmup_steps, 0)
         _at_least("search.checkpoint_every", s.checkpoint_every, 1)
         _at_least("search.train_limit", s.train_limit, 1, allow_none=True)
-        if not s.lr > 0:
+        _at_least("search.select_samples", s.select_samples, 0)
+        _at_least("search.select_questions", s.select_questions, 0)
+        if not (math.isfinite(s.lr) and s.lr > 0):
             raise UserError(f"search.lr={s.lr!r} is not valid: the learning rate must be > 0.")
         if not (0 < s.tau_end <= s.tau_start):
             raise UserError(f"search.tau_start={s.tau_start!r}, search.tau_end={s.tau_end!r} are not valid: "
@@ -248,9 +259,9 @@ def validate(cfg: DictConfig) -> None:
             if not layers or any(layer < 0 for layer in layers):
                 raise UserError(f"search.candidate_layers={layers!r} is not valid: a non-empty list of decoder "
                                 "layer indices >= 0, or null for every layer.")
-        for key in ("lambda_init", "dual_lr", "kl_weight"):
-            if s[key] < 0:
-                raise UserError(f"search.{key}={s[key]!r} is not valid: it must be >= 0.")
+        for key in ("lambda_init", "dual_lr", "kl_weight", "grad_clip"):
+            if not (math.isfinite(s[key]) and s[key] >= 0):
+                raise UserError(f"search.{key}={s[key]!r} is not valid: it must be a finite number >= 0.")
     if "report" in cfg:
         from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 

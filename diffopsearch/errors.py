@@ -8,6 +8,27 @@ class UserError(Exception):
     exit_code = 2
 
 
+class UnwritableError(UserError, OSError):
+    """A file or directory the tool must write cannot be written (still an ``OSError`` for callers
+    that catch those)."""
+
+
+class NumericalError(UserError):
+    """A NaN or inf in the search (loss, gradients or architecture state): the message names the
+    step and the fix."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C inside a long loop. ``where`` says how far it got ("at step 37 of 120 (last checkpoint:
+    step 25)"); the CLI adds how to continue and exits with 130."""
+
+    exit_code = 130
+
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
+
+
 def fail(what: str, value, allowed: str) -> UserError:
     """Build the standard message: which value was bad and what is allowed."""
     return UserError(f"{what} {value!r} is not valid: {allowed}")

@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import statistics
 import time
 from pathlib import Path
 
-from .errors import UserError
+from .errors import Interrupted, UserError
+
+log = logging.getLogger("diffopsearch")
 
 CACHE_NAME = "answers.jsonl"
 RESULTS_NAME = "results.json"
@@ -366,9 +369,23 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
                 _append_cache(cache, key, fresh)
             if progress is not None:
                 progress.advance(task)
+    except KeyboardInterrupt:
+        # every answer gathered so far is already in the cache (appended after each batch step)
+        raise Interrupted(f"after {len(answers)} of {len(ids)} answers ({len(answers) - len(done)} new in this "
+                          "run)") from None
     finally:
         if progress is not None:
             progress.stop()
+    if errors and not answers:
+        ex = next(iter(sorted(errors.items())))
+        raise UserError(f"no question of {dataset.name} split {dataset.split!r} ({dataset.path}) could be "
+                        f"evaluated: the image of every one of its {len(errors)} questions is missing or cannot be "
+                        f"decoded (e.g. question {ex[0]}: {ex[1]}). Check the images config / image column of "
+                        "dataset.path.")
+    if errors and procs.is_main:
+        ex = next(iter(sorted(errors.items())))
+        log.warning("%d of %d questions skipped: their image is missing or cannot be decoded (e.g. question %s: "
+                    "%s); results.json lists them under image_errors.", len(errors), len(ids), ex[0], ex[1])
 
     # -- gather the measurements
     lat_all = procs.gather(lat)
@@ -593,7 +610,11 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     if limit is not None and int(limit) <= 0:
         raise UserError(f"limit={limit!r} is not valid: give a positive number of questions (the first N of the "
                         "split), or leave it out for all of them.")
-    plan_source(cfg)  # a bad ckpt fails before anything is loaded
+    plan_file = plan_source(cfg)  # a bad ckpt fails before anything is loaded: missing, empty, not a plan...
+    if plan_file is not None:
+        from .plan import load_plan
+
+        load_plan(str(plan_file))  # ... malformed, or keep / layer out of its own backbone's range
     torch.manual_seed(int(_get(cfg, "seed", 0)))
     accelerator = accelerator or make_accelerator(cfg.model)
     multi = accelerator.num_processes > 1

@@ -7,13 +7,38 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import UnwritableError
+
+
+def _unwritable(path, err: OSError) -> UnwritableError:
+    return UnwritableError(f"cannot write {str(path)!r} ({err.strerror or err}): choose a directory "
+                           "this user can write, e.g. hydra.run.dir=DIR (and run from a writable working "
+                           "directory: the answer cache lives in ./outputs/.answers)")
+
+
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and prove that a file can be written in it; UnwritableError if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise _unwritable(path, e) from None
+    return path
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (same directory,
-    so the rename is atomic on POSIX)."""
+    so the rename is atomic on POSIX): a crash at any point leaves either the old file or the new
+    one under ``path``, never a part of one. A path that cannot be written: UnwritableError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _unwritable(path, e) from None
     os.close(fd)
     try:
         write(tmp)

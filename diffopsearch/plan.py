@@ -37,7 +37,7 @@ FORMAT = "diffopsearch.plan/1"
 FORMAT_NAME = "diffopsearch.plan"
 VERSION = 1
 SITE_FIELDS = ("layer", "keep", "score", "anchors", "merge", "sharpness", "locality", "reweight")
-TOP_FIELDS = ("format", "method", "backbone", "budget", "seed", "sites", "cost", "search")
+TOP_FIELDS = ("format", "method", "backbone", "budget", "seed", "sites", "cost", "search", "run")
 BACKBONE_FIELDS = ("name", "num_layers", "visual_tokens", "grid")
 
 
@@ -65,6 +65,9 @@ class Plan:
     cost: dict = field(default_factory=dict)
     search: dict | None = None
     seed: int = 0           # seeds the ``random`` score
+    # How this file came to be, not what it says: creation time, wall seconds, whether the search was
+    # resumed. Everything else is a function of the configuration and seed (byte-identical reruns).
+    run: dict | None = None
 
     # -- accessors
     @property
@@ -97,6 +100,8 @@ class Plan:
                              "sites": [s.to_dict() for s in self.sites], "cost": _jsonable(self.cost)}
         if self.search is not None:
             d["search"] = _jsonable(self.search)
+        if self.run is not None:
+            d["run"] = _jsonable(self.run)
         return d
 
     @classmethod
@@ -133,8 +138,11 @@ class Plan:
             raise UserError(f"plan field 'cost' must be an object, got {cost!r}")
         if search is not None and not isinstance(search, dict):
             raise UserError(f"plan field 'search' must be an object or null, got {search!r}")
+        run = d.get("run")
+        if run is not None and not isinstance(run, dict):
+            raise UserError(f"plan field 'run' must be an object or null, got {run!r}")
         plan = cls(sites=sites, backbone=dict(backbone), budget=d.get("budget"), method=method, cost=cost,
-                   search=search, seed=d.get("seed", 0))
+                   search=search, seed=d.get("seed", 0), run=run)
         plan.validate()
         return plan
 
@@ -240,7 +248,14 @@ def load_plan(path_or_dict) -> Plan:
     path = Path(path_or_dict)
     if not path.is_file():
         raise UserError(f"plan file {str(path)!r} does not exist (or is not a file)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"plan file {str(path)!r} is not a plan: it is not UTF-8 text (a plan is a JSON file, "
+                        f"format {FORMAT!r})") from None
+    if not text.strip():
+        raise UserError(f"plan file {str(path)!r} is empty: a plan is a JSON object with format {FORMAT!r} "
+                        "(a search writes it, complete, when it ends)")
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:

@@ -293,3 +293,13 @@ def test_soft_stacked_site_ranks_dropped_tokens_last():
     kept = (first.mask > 0.5) & (second.mask > 0.5)
     assert kept.sum(1).tolist() == [9, 9]
     assert torch.all((second.mask > 0.5) <= (first.mask > 0.5))
+
+
+def test_log_bounded_is_exact_forward_with_a_bounded_gradient():
+    from diffopsearch.operators.reduce import log_bounded
+
+    x = torch.tensor([0.0, 1e-20, 0.5, 1.0], requires_grad=True)
+    y = log_bounded(x)
+    assert torch.allclose(y, torch.log(x.detach() + 1e-30))
+    y.sum().backward()
+    assert float(x.grad.max()) <= 1e6 + 1 and torch.allclose(x.grad[2:], 1 / (x.detach()[2:] + 1e-6))

@@ -406,3 +406,74 @@ def test_cli_search_one_and_two_processes(tmp_path):
     # the two halves of each step's batch average to the single-process gradient: same trajectory
     log1 = [json.loads(x) for x in (tmp_path / "one" / LOG_NAME).read_text().splitlines()]
     assert [r["cost"] for r in log] == pytest.approx([r["cost"] for r in log1], abs=1e-4)
+
+
+# ---------------------------------------------------------------- selection among derived plans
+
+def test_hold_out_is_disjoint_seeded_and_at_most_a_quarter(train):
+    from diffopsearch.search import hold_out
+
+    rest, held = hold_out(train, 5, seed=0)
+    assert len(held) == 5 and len(rest) == len(train) - 5
+    assert set(held.ids).isdisjoint(rest.ids) and set(held.ids) | set(rest.ids) == set(train.ids)
+    assert hold_out(train, 5, seed=0)[1].ids == held.ids and hold_out(train, 5, seed=1)[1].ids != held.ids
+    assert len(hold_out(train, 1000, seed=0)[1]) == len(train) // 4
+    assert hold_out(train, 0, seed=0) == (train, None)
+
+
+def test_plan_scores_of_no_plan_and_an_empty_plan_agree(tiny4, train):
+    from diffopsearch.plan import Plan
+    from diffopsearch.search.loop import plan_scores
+
+    model, proc = tiny4
+    a = plan_scores(model, proc, None, train, batch_size=7)
+    b = plan_scores(model, proc, Plan(sites=[], backbone=_backbone(model)), train, batch_size=5)
+    assert a["n"] == b["n"] == len(train) and 0 <= a["accuracy"] <= 1
+    assert a["accuracy"] == b["accuracy"] and a["ce"] == pytest.approx(b["ce"], rel=1e-5)
+
+
+@pytest.mark.parametrize("operator", ["mixture", "continuous"])
+def test_selection_picks_the_best_held_out_candidate_within_budget(tiny4, train, operator):
+    from diffopsearch.search import hold_out
+    from diffopsearch.search.loop import plan_scores
+    from diffopsearch.search.select import candidate_plans, sample_choices
+
+    model, proc = tiny4
+    rest, held = hold_out(train, 6, seed=0)
+    space = _space(model, operator, layers=[0, 1, 2])
+    plan, res = search_plan(model, proc, rest, space, _settings(operator=operator), 20.0, progress=False,
+                            heldout=held, select_samples=6)
+    sel = plan.search["selection"]
+    assert sel["questions"] == 6 and 1 <= len(sel["candidates"]) <= 7
+    assert sel["candidates"][0]["origin"] == "argmax"
+    assert all(c["flops_ratio"] <= 0.5 for c in sel["candidates"]) and plan.cost["flops_ratio"] <= 0.5
+    best = sel["candidates"][sel["chosen"]]
+    assert best["ce"] == min(c["ce"] for c in sel["candidates"])
+    assert best["sites"] == [f"L{s.layer}:{s.keep}:{s.score}/{s.anchors}" for s in plan.sites]
+    assert plan_scores(model, proc, plan, held)["ce"] == pytest.approx(best["ce"], abs=1e-4)
+    # the samples are a function of the seed
+    assert sample_choices(res.state, 0, 3) == sample_choices(res.state, 0, 3)
+    cands = candidate_plans(res.state, _backbone(model), 0.5, model.config.text_config, 20.0, 6, seed=0)
+    assert [[f"L{s.layer}:{s.keep}:{s.score}/{s.anchors}" for s in p.sites] for _, p, _ in cands] == \
+        [c["sites"] for c in sel["candidates"]]
+
+
+def test_straight_through_ladder_gradients_stay_bounded(tiny4, train):
+    """Regression: dropped anchors' log-weights used to send 1e6-1e19-sized gradients into the
+    keep-ladder logits (then Adam froze them); with bounded logs every step's gradient is small."""
+    from diffopsearch.data.datasets import make_train_batch
+    from diffopsearch.search.loop import answer_losses
+
+    model, proc = tiny4
+    state = ArchState(_space(model, "continuous", layers=[1, 2, 3]), init_keep=0.2)
+    recs, imgs = train.batch(range(8))
+    batch = make_train_batch(proc, recs, imgs)
+    worst = 0.0
+    for step in range(6):
+        state.zero_grad()
+        sites = relax.build_sites(state, state.sample(step, 0.5, 0, hard=True), skip_identity=True)
+        loss = answer_losses(model, batch, sites, 0.0)["ce"]
+        if loss.requires_grad:
+            loss.backward()
+            worst = max(worst, float(state.ladder_logits.grad.abs().max()))
+    assert 0 < worst < 1e3

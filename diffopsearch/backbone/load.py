@@ -11,6 +11,7 @@ from .toy import ASSET_DIR
 
 WORLD_VERSION = 1
 REQUIRED_FILES = ("config.json", "tokenizer.json")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # either one (LlavaProcessor / its image processor)
 
 
 def cache_dir() -> Path:
@@ -54,6 +55,8 @@ def check_model_dir(path: Path) -> None:
         raise UserError(f"backbone directory {str(path)!r} does not exist: model.path must be a Hugging Face "
                         "model id (e.g. llava-hf/llava-1.5-7b-hf) or a directory written by save_pretrained.")
     missing = [f for f in REQUIRED_FILES if not (path / f).exists()]
+    if not any((path / f).exists() for f in PROCESSOR_FILES):
+        missing.append(" or ".join(PROCESSOR_FILES) + " (the image processor)")
     if not any(path.glob("*.safetensors")):
         missing.append("*.safetensors (the weights)")
     if missing:
@@ -86,13 +89,23 @@ def pick_device(device: str = "auto"):
     return torch.device(device)
 
 
-def load_backbone(model_cfg, device=None):
+def load_backbone(model_cfg="toy", device=None, **fields):
     """(model, processor) for a model config (name, path, dtype, attn_implementation,
-    trust_remote_code, revision, device). Local directories are checked first, so a missing or
-    half-written one gives a clear error rather than a stack trace from transformers."""
+    trust_remote_code, revision, device), or for a string: ``"toy"`` (the shipped toy backbone), a
+    Hugging Face id or a local directory, with any other ModelConfig field as a keyword
+    (``load_backbone("llava-hf/llava-1.5-7b-hf", dtype="bfloat16")``). Local directories are checked
+    first, so a missing or half-written one gives a clear error rather than a stack trace from
+    transformers."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    if isinstance(model_cfg, (str, os.PathLike)):
+        from ..config import ModelConfig
+
+        name = str(model_cfg)
+        model_cfg = ModelConfig(**fields) if name == "toy" else ModelConfig(name=name, path=name, **fields)
+    elif fields:
+        raise TypeError("load_backbone takes keyword fields only with a model name or path, not with a config")
     path = resolve_model_path(model_cfg)
     local = Path(path).expanduser()
     if local.exists() or path.startswith((".", "/", "~")) or model_cfg.name == "toy":
@@ -105,6 +118,8 @@ def load_backbone(model_cfg, device=None):
                   attn_implementation=getattr(model_cfg, "attn_implementation", "sdpa") or "sdpa",
                   trust_remote_code=bool(getattr(model_cfg, "trust_remote_code", False)),
                   revision=getattr(model_cfg, "revision", None))
+    from safetensors import SafetensorError
+
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"],
                                                   revision=kwargs["revision"])
@@ -112,6 +127,9 @@ def load_backbone(model_cfg, device=None):
     except OSError as e:
         raise UserError(f"could not load backbone {path!r}: {e}. Check model.path (a Hugging Face id needs the "
                         "hub or a local cache; offline machines need a local directory).") from e
+    except (ValueError, SafetensorError) as e:  # a truncated config / weights file, not valid JSON, ...
+        raise UserError(f"backbone {path!r} is damaged or not a LLaVA checkpoint: {type(e).__name__}: {e}. "
+                        "Re-create the directory with save_pretrained, or download it again.") from e
     device = device or pick_device(getattr(model_cfg, "device", "auto"))
     model.to(device).eval()
     model.requires_grad_(False)

@@ -78,7 +78,13 @@ def _load_split(path: str, config: str | None, split: str, what: str):
         raise
     except Exception as e:  # datasets raises ValueError/FileNotFoundError/hub errors for bad ids, configs, splits
         cfg = f" config {config!r}" if config else ""
-        raise UserError(f"could not load the {what} of dataset {path!r}{cfg} split {split!r}: {e} "
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        if "BatchSize must be greater than 0" in str(root):  # datasets 5 fails on a parquet file of 0 rows
+            raise _empty_split(path, config, split) from None
+        cause = f" ({type(root).__name__}: {root})" if root is not e else ""
+        raise UserError(f"could not load the {what} of dataset {path!r}{cfg} split {split!r}: {e}{cause} "
                         "Check dataset.path, dataset.questions_config / images_config and dataset.split "
                         "(GQA: testdev_balanced_instructions / testdev_balanced_images, split testdev; "
                         "VQAv2: split validation; toy: instructions / images, splits train/validation/test).") from e
@@ -89,6 +95,17 @@ def _require(ds, columns: Sequence[str], what: str, schema: str) -> None:
     if missing:
         raise UserError(f"{what} has no column {missing[0]!r} (columns found: {', '.join(ds.column_names)}). "
                         f"{schema}")
+
+
+def _empty_split(path: str, config: str | None, split: str) -> UserError:
+    cfg = f" config {config!r}" if config else ""
+    return UserError(f"split {split!r} of dataset {path!r}{cfg} has no questions: choose a split (or a row "
+                     "range such as 'test[:1000]') that holds some, with dataset.split / dataset.search_split.")
+
+
+def _non_empty(ds, path: str, config: str | None, split: str) -> None:
+    if len(ds) == 0:
+        raise _empty_split(path, config, split)
 
 
 GQA_SCHEMA = ("The GQA schema (lmms-eval's lmms-lab-encoder/GQA, also the toy world's) needs a questions config "
@@ -121,6 +138,7 @@ def load_qa(name: str, path: str | None = None, split: str | None = None, questi
     if name == "vqav2":
         q = _load_split(path, questions_config, split, "questions")
         _require(q, VQA_COLUMNS, f"dataset {path!r} (split {split!r})", VQA_SCHEMA)
+        _non_empty(q, path, questions_config, split)
         if limit is not None and limit < len(q):
             q = q.select(range(limit))
         q = q.cast_column("image", datasets.Image(decode=False))
@@ -130,6 +148,7 @@ def load_qa(name: str, path: str | None = None, split: str | None = None, questi
     images_config = images_config or d["images_config"]
     q = _load_split(path, questions_config, split, "questions")
     _require(q, GQA_QUESTION_COLUMNS, f"questions config {questions_config!r} of {path!r}", GQA_SCHEMA)
+    _non_empty(q, path, questions_config, split)
     # The images config holds every image of the split: a slice ("testdev[:100]") applies to questions only.
     im = _load_split(path, images_config, split.split("[")[0], "images")
     _require(im, GQA_IMAGE_COLUMNS, f"images config {images_config!r} of {path!r}", GQA_SCHEMA)
@@ -301,6 +320,13 @@ class QADataset:
                 out.append(None)
         return out
 
+    def subset(self, rows: Sequence[int], split: str | None = None) -> "QADataset":
+        """The questions at ``rows`` (in that order) as a data set of their own; images are shared."""
+        from dataclasses import replace
+
+        return replace(self, questions=self.questions.select(list(rows)), split=split or self.split,
+                       image_errors={}, _ids=None)
+
     def batch(self, indices: Sequence[int]) -> tuple[list[dict], list]:
         """(records, images) for these rows, with questions whose image failed dropped."""
         recs = self.records(indices)
@@ -321,9 +347,15 @@ def make_eval_batch(processor, records: Sequence[dict], images: Sequence) -> dic
     evaluation prompt of each record (:func:`diffopsearch.data.prompts.format_prompt`)."""
     from .prompts import format_prompt
 
+    return encode_prompts(processor, [format_prompt(r["question"], processor) for r in records], images)
+
+
+def encode_prompts(processor, prompts: Sequence[str], images: Sequence) -> dict:
+    """Processor inputs for already formatted prompts and their images (none: text only), left
+    padded (shared by :func:`make_eval_batch` and the lmms-eval model)."""
     _left_pad(processor)
-    prompts = [format_prompt(r["question"], processor) for r in records]
-    return dict(processor(text=prompts, images=list(images), padding=True, return_tensors="pt"))
+    images = list(images) or None
+    return dict(processor(text=list(prompts), images=images, padding=True, return_tensors="pt"))
 
 
 def make_train_batch(processor, examples: Sequence[dict], images: Sequence, answer_key: str = "answer") -> dict:

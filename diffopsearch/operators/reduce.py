@@ -331,6 +331,14 @@ def expected_keep(q: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return (q.float() * counts).sum(-1)
 
 
+def log_bounded(x: torch.Tensor, eps: float = _TINY, eps_grad: float = 1e-6) -> torch.Tensor:
+    """``log(x + eps)`` in the forward, the gradient of ``log(x + eps_grad)``: an exact (tiny) value
+    for x = 0 without a 1 / eps-sized derivative. (Measured: with the plain log the straight-through
+    search sent gradients of 1e6-1e19 into the keep-ladder logits through dropped anchors' weights.)"""
+    soft = torch.log(x + eps_grad)
+    return soft + (torch.log(x + eps) - soft).detach()
+
+
 def _soft_flow(x, sizes, keys, c_src, c_anc, a, w, merge, sharpness, locality):
     """All-n flows: source j gives mass w_j, shared over anchors i with weight a_i (soft), no
     self-flow. Returns (y, new sizes)."""
@@ -339,7 +347,7 @@ def _soft_flow(x, sizes, keys, c_src, c_anc, a, w, merge, sharpness, locality):
     hard = _isinf(sharpness) or _isinf(locality)
     allowed = (a >= 0.5) if hard else None
     P = assignment(keys, keys, c_src, c_anc, sharpness, locality,
-                   anc_logw=torch.log(a.float() + _TINY), allowed=allowed, exclude_self=True)  # (B, j, i)
+                   anc_logw=log_bounded(a.float()), allowed=allowed, exclude_self=True)  # (B, j, i)
     Pw = P * (w * sizes)[..., None]
     flow = merge * Pw.sum(1)                                          # (B, n)
     num = sizes[..., None] * x.float() + merge * (Pw.transpose(1, 2) @ x.float())

@@ -701,8 +701,8 @@ class ReducedLlava:
                 labels = labels.to(res.orig.device).gather(1, res.orig)
             loss = self.model.loss_function(logits=logits, labels=labels,
                                             vocab_size=self.model.config.text_config.vocab_size)
-        out = LlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=res.cache if use_cache else None,
-                                          image_hidden_states=res.image_features)
+        out = _causal_lm_output(loss, logits, res.cache if use_cache else None, res.image_features,
+                                None if pixel_values is None else int(pixel_values.shape[0]))
         return out if return_dict is not False else out.to_tuple()
 
     @torch.no_grad()
@@ -754,6 +754,25 @@ class ReducedLlava:
             position_ids = position_ids[:, -1:] + 1
             out = self.forward(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+
+
+# transformers 5.24 renamed the output fields (past_key_values -> cache, image_hidden_states ->
+# image_outputs, whose pooler_output `image_hidden_states` now reads): build whichever this version has.
+_OUTPUT_FIELDS = set(getattr(LlavaCausalLMOutputWithPast, "__dataclass_fields__", {}))
+
+
+def _causal_lm_output(loss, logits, cache, image_features, n_images=None) -> LlavaCausalLMOutputWithPast:
+    if "image_outputs" in _OUTPUT_FIELDS:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        image = None
+        if image_features is not None:  # as LlavaModel.get_image_features there: a list, one entry per image
+            if torch.is_tensor(image_features) and n_images:
+                image_features = list(image_features.reshape(n_images, -1, image_features.shape[-1]))
+            image = BaseModelOutputWithPooling(pooler_output=image_features)
+        return LlavaCausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, image_outputs=image)
+    return LlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
+                                       image_hidden_states=image_features)
 
 
 # generation-config fields that change greedy decoding: they must stay at their defaults here

@@ -71,10 +71,28 @@ def settings_from(cfg):
     return SearchSettings(budget=float(cfg.budget), seed=int(_get(cfg, "seed", 0)), **kw)
 
 
+def hold_out(train, n: int, seed: int):
+    """Split the search split into (rows the loop trains on, ``n`` held-out rows that choose the
+    plan: :mod:`.select`), by a permutation drawn from ``seed``. At most a quarter is held out."""
+    import torch
+
+    from .state import seed_for
+
+    n = min(int(n), len(train) // 4)
+    if n <= 0:
+        return train, None
+    g = torch.Generator().manual_seed(seed_for(seed, 0, 29))
+    perm = torch.randperm(len(train), generator=g).tolist()
+    return (train.subset(sorted(perm[n:])),
+            train.subset(sorted(perm[:n]), split=f"{train.split} ({n} held-out rows)"))
+
+
 def search_plan(model, processor, train, space, settings, n_text, out_dir=None, accelerator=None, resume=False,
-                progress=True, config: dict | None = None, stop_after=None, model_name: str = "", fill: bool = True):
-    """Search, discretize and repair: returns (plan, SearchResult). Writes nothing but the loop's
-    log / checkpoints (``out_dir``)."""
+                progress=True, config: dict | None = None, stop_after=None, model_name: str = "", fill: bool = True,
+                heldout=None, select_samples: int = 0):
+    """Search, discretize and repair: returns (plan, SearchResult). With ``heldout`` questions,
+    the plan is the best on them of the argmax plan and ``select_samples`` plans sampled from the
+    learned distributions (:mod:`.select`). Writes nothing but the loop's log / checkpoints."""
     from ..plan import backbone_info
     from .discretize import discretize, min_cost_ratio
     from .loop import search
@@ -95,16 +113,36 @@ def search_plan(model, processor, train, space, settings, n_text, out_dir=None, 
     res = search(model, processor, train, space, settings, n_text, out_dir=out_dir, accelerator=accelerator,
                  resume=resume, progress=progress, stop_after=stop_after, hard_cost=hard_cost)
     plan, repair = discretize(res.state, backbone, settings.budget, text_config, n_text, fill=fill)
+    selection = None
+    if heldout is not None and len(heldout):
+        from .loop import Procs
+        from .select import candidate_plans, select_plan
+
+        cands = candidate_plans(res.state, backbone, settings.budget, text_config, n_text, select_samples,
+                                settings.seed, fill=fill)
+        (origin, plan, repair), best, table = select_plan(model, processor, cands, heldout, procs=Procs(accelerator))
+        selection = {"questions": len(heldout), "split": heldout.split, "chosen": best, "candidates": table}
     plan.seed = settings.seed
     from dataclasses import asdict
 
+    config = dict(config or {})
+    was_resume = bool(config.pop("resume", resume))  # how the plan was reached, not what it is: in plan.run
     plan.search = {
-        "config": config or {}, "settings": asdict(settings), "space": space.to_dict(), "seed": settings.seed,
+        "config": config, "settings": asdict(settings), "space": space.to_dict(), "seed": settings.seed,
         "steps": res.steps, "final_loss": res.final_loss, "lambda_b": res.lam, "n_text": n_text,
-        "resumed_from": res.resumed_from, "seconds": round(res.seconds, 2),
-        "distributions": res.state.distributions(), "repair": repair,
+        "distributions": res.state.distributions(), "repair": repair, "selection": selection,
     }
+    # Everything that differs between two runs of the same config and seed lives here, so the rest
+    # of plan.json is byte-identical across reruns and across an interrupted + resumed run.
+    plan.run = {"created": _utc_now(), "seconds": round(res.seconds, 2), "resume": was_resume,
+                "resumed_from": res.resumed_from}
     return plan, res
+
+
+def _utc_now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def run(cfg, out_dir=None, accelerator=None) -> dict:
@@ -136,6 +174,7 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
                         f"dataset.split={evalset.split!r}: the search must never see the questions its results are "
                         "reported on; use another split (dataset.search_split=train) or disjoint row ranges "
                         "(search_split='validation[:4000]' with split='validation[4000:]').")
+    train, heldout = hold_out(train, int(_get(cfg.search, "select_questions", 0)), int(_get(cfg, "seed", 0)))
     model, processor = load_backbone(cfg.model, device=accelerator.device if multi else None)
     space = make_space(model.config, cfg.search)
     settings = settings_from(cfg)
@@ -146,7 +185,8 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     # every process reads the checkpoint on resume; only the main one writes (the loop sees to it)
     plan, res = search_plan(model, processor, train, space, settings, n_text, out_dir=out,
                             accelerator=accelerator, resume=bool(_get(cfg, "resume", False)),
-                            config=to_dict(cfg), model_name=model_id, fill=bool(_get(cfg.search, "fill", True)))
+                            config=to_dict(cfg), model_name=model_id, fill=bool(_get(cfg.search, "fill", True)),
+                            heldout=heldout, select_samples=int(_get(cfg.search, "select_samples", 0)))
     if is_main:
         plan.save(out / PLAN_NAME)
         _print_plan(plan)
@@ -155,7 +195,8 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
                   accelerator=accelerator, metric=_get(ds, "metric") or None,
                   vqa_mode=_get(ds, "vqa_mode", "official"), model_name=model_id)
     extra = {"budget": float(cfg.budget), "ckpt": str(out / PLAN_NAME), "limit": None if limit is None else int(limit),
-             "method": "search", "search": {k: plan.search[k] for k in ("steps", "final_loss", "seed", "seconds")}}
+             "method": "search", "search": {**{k: plan.search[k] for k in ("steps", "final_loss", "seed")},
+                                            "seconds": plan.run["seconds"]}}
     results = evaluate(model, processor, plan, evalset, out_dir=out, extra=extra,
                        resume=bool(_get(cfg, "resume", False)), **common)
     if bool(_get(cfg.search, "eval_baselines", False)):

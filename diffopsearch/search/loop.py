@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..errors import Interrupted, NumericalError, UserError
 from ..evaluate import to_device
 from .relax import build_sites, expected_cost_ratio, init_keep_for_budget
 from .state import ArchState, SearchSpace, seed_for
@@ -38,6 +38,7 @@ from .state import ArchState, SearchSpace, seed_for
 CKPT_DIR = "checkpoint"
 CKPT_TENSORS = "search_state.safetensors"
 CKPT_META = "search_state.json"
+CKPT_PREV = "search_state.prev.safetensors"  # the tensors the JSON names while a new checkpoint is written
 LOG_NAME = "search_log.jsonl"
 DATA_STREAM = 17
 
@@ -63,6 +64,10 @@ class SearchSettings:
     gumbel: bool = True  # Gumbel noise in the relaxed samples (False: the tempered distributions themselves)
     straight_through: bool = True  # the forward sees the sampled one-hot architecture, the gradient the relaxed one
     anneal_cost: bool = True  # E[cost] under softmax(logits / tau) instead of the distributions themselves
+    # Max L2 norm of the architecture-state gradient per step (0: no clipping). On the tiny test LLaVA
+    # the usual steps have norm 0.1-9, while the straight-through relaxation has sent spikes of 1e5-1e9
+    # (and an inf) into the keep-ladder logits: 10 cuts such spikes and leaves the usual steps alone.
+    grad_clip: float = 10.0
 
     def key(self, space: SearchSpace, n_text: float, n_train: int) -> str:
         """Fingerprint of everything that determines the trajectory (resume refuses a mismatch)."""
@@ -185,14 +190,19 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 
 
 def save_checkpoint(out_dir: Path, state: ArchState, opt, meta: dict) -> None:
-    """Tensors (safetensors) first, then the JSON that names them: a JSON whose step does not
-    match the tensors' is never left behind (both atomic; the JSON is the commit)."""
+    """The previous tensors moved aside (``CKPT_PREV``), the new tensors (safetensors) written, then
+    the JSON that names their step: every write atomic, the JSON the commit. Killed at any point, the
+    folder holds a JSON and a tensors file of the same step (the new pair, or the old one)."""
+    import os
+
     from ..io import atomic_save_safetensors, atomic_write_json
 
     d = Path(out_dir) / CKPT_DIR
     otensors, ometa = _flatten_optimizer(opt)
     tensors = {f"state.{k}": v for k, v in state.state_dict().items()}
     tensors.update(otensors)
+    if (d / CKPT_TENSORS).exists() and (d / CKPT_META).exists():
+        os.replace(d / CKPT_TENSORS, d / CKPT_PREV)  # what the current JSON names, until the new JSON lands
     atomic_save_safetensors(d / CKPT_TENSORS, tensors, metadata={"step": str(meta["step"])})
     atomic_write_json(d / CKPT_META, {**meta, "optimizer": ometa})
 
@@ -203,19 +213,24 @@ def load_checkpoint(out_dir: Path, state: ArchState, opt, key: str) -> dict | No
     from safetensors.torch import load_file
 
     d = Path(out_dir) / CKPT_DIR
-    if not (d / CKPT_META).exists() or not (d / CKPT_TENSORS).exists():
+    files = [d / n for n in (CKPT_TENSORS, CKPT_PREV) if (d / n).exists()]
+    if not (d / CKPT_META).exists() or not files:
         return None
     try:
         meta = json.loads((d / CKPT_META).read_text())
-        with safe_open(str(d / CKPT_TENSORS), "pt") as f:
-            tstep = (f.metadata() or {}).get("step")
-        tensors = load_file(str(d / CKPT_TENSORS))
+        steps = {}
+        for path in files:  # the tensors of the JSON's step: the current file, or the previous one when
+            with safe_open(str(path), "pt") as f:  # a kill fell between the new tensors and the new JSON
+                steps[path] = (f.metadata() or {}).get("step")
+        match = [path for path in files if steps[path] == str(meta.get("step"))]
+        tensors = load_file(str(match[0])) if match else None
     except Exception as e:  # a damaged checkpoint is a user-facing problem, not a crash
         raise UserError(f"the search checkpoint in {str(d)!r} cannot be read ({type(e).__name__}: {e}); delete "
                         "that folder to start the search afresh, or run without resume=true.") from e
-    if str(meta.get("step")) != tstep:
+    if tensors is None:
         raise UserError(f"the search checkpoint in {str(d)!r} is inconsistent (JSON step {meta.get('step')}, "
-                        f"tensors step {tstep}); delete that folder to start afresh.")
+                        f"tensors step {', '.join(str(v) for v in steps.values())}); delete that folder to start "
+                        "afresh.")
     if meta.get("key") != key:
         raise UserError(f"resume=true found a search checkpoint in {str(d)!r} made with different settings "
                         "(search.*, budget, seed, model or data differ): resume with the same configuration, "
@@ -275,6 +290,40 @@ def _truncate_log(path: Path, upto: int) -> None:
 
 # ---------------------------------------------------------------- the loop
 
+def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float) -> tuple[float, int]:
+    """Clip in place to global L2 norm ``max_norm`` (0: leave the gradients alone); returns (the norm
+    before clipping, the number of non-finite elements). The norm is summed in float64, so a spike of
+    1e20 is not an overflow. When clipping, a non-finite element (an overflow in the backward pass of
+    the relaxation) is first set to 0 (NaN) or to the largest float of its sign (inf), so it cannot
+    turn the state into NaN: the step then moves that element alone, by at most ``max_norm``."""
+    bad = sum(int((~torch.isfinite(g)).sum()) for g in grads)
+    if bad and max_norm > 0:
+        for g in grads:
+            torch.nan_to_num_(g, nan=0.0)
+    total = math.sqrt(sum(float(g.detach().double().square().sum()) for g in grads))
+    if max_norm > 0 and math.isfinite(total) and total > max_norm:
+        for g in grads:
+            g.mul_(max_norm / total)
+    return total, bad
+
+
+def _numerical_error(what: str, value: float, step: int, s: SearchSettings, out: Path | None,
+                     last_ckpt: int | None) -> NumericalError:
+    """The message of a NaN / inf: where, what is kept, and the usual fixes."""
+    if out is None:
+        kept = "nothing is written without an output directory"
+    elif last_ckpt:
+        kept = f"the last good checkpoint (step {last_ckpt}) is kept in {str(out / CKPT_DIR)!r}"
+    else:
+        kept = "no checkpoint had been written yet"
+    clip = f"search.grad_clip={s.grad_clip:g}" if s.grad_clip > 0 else "search.grad_clip=0 (off)"
+    return NumericalError(
+        f"the search stopped at step {step}: the {what} is {value} (not finite); nothing of this step was saved "
+        f"and {kept}. Lower the learning rate (search.lr={s.lr:g}, try search.lr={s.lr / 4:g}) or clip "
+        f"the architecture gradients ({clip}, try search.grad_clip={(s.grad_clip or 4.0) / 4:g}), "
+        "and rerun in a new run directory (resume=true refuses other settings).")
+
+
 @dataclass
 class SearchResult:
     state: ArchState
@@ -326,8 +375,10 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
     bar = _Progress(progress and procs.is_main and end > start, settings.steps, start, settings.budget)
     history, t0 = [], time.time()
+    current, last_ckpt = start, resumed  # for the messages of an interruption or a numerical fault
     try:
         for step in range(start, end):
+            current = step
             ts = time.time()
             tau = tau_at(settings, step)
             sample = state.sample(step, tau, settings.seed, noise=settings.gumbel, hard=settings.straight_through)
@@ -354,7 +405,16 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
             grads = [p.grad for p in state.parameters()]
             scalars = torch.stack([ce.detach(), kl.detach(), acc.detach()]).float()
             procs.mean_(grads + [scalars])
+            grad_norm, grad_bad = clip_grads_(grads, settings.grad_clip)  # after the all-reduce: same everywhere
+            for what, value in (("task loss", float(scalars[0] + settings.kl_weight * scalars[1])),
+                                ("budget penalty", float(penalty.detach())), ("expected cost", float(cost.detach())),
+                                ("architecture-state gradient", grad_norm)):
+                if not math.isfinite(value):
+                    raise _numerical_error(what, value, step, settings, out, last_ckpt)
             opt.step()
+            bad = [p.detach()[~torch.isfinite(p)] for p in state.parameters() if not bool(torch.isfinite(p).all())]
+            if bad:
+                raise _numerical_error("architecture state", float(bad[0][0]), step, settings, out, last_ckpt)
             ce_v, kl_v, acc_v = scalars.tolist()
             cost_v = float(cost.detach())
             with torch.no_grad():  # the relaxation gap, logged: E[cost] at T=1 and the argmax plan's cost
@@ -363,7 +423,8 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
             loss_v = ce_v + settings.kl_weight * kl_v + (lam * max(0.0, cost_v - settings.budget) ** 2 if active else 0.0)
             rec = {"step": step, "loss": loss_v, "ce": ce_v, "kl": kl_v, "penalty": float(penalty.detach()),
                    "cost": cost_v, "cost_t1": cost_p, "cost_argmax": cost_hard, "budget": settings.budget,
-                   "lambda": lam, "tau": tau, "train_acc": acc_v, "step_s": round(time.time() - ts, 4)}
+                   "lambda": lam, "tau": tau, "train_acc": acc_v, "grad_norm": grad_norm, "grad_nonfinite": grad_bad,
+                   "step_s": round(time.time() - ts, 4)}
             if active:  # dual ascent on the budget multiplier while the constraint is violated
                 lam = lam + settings.dual_lr * max(0.0, cost_v - settings.budget)
             last_loss = loss_v
@@ -379,6 +440,10 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
             if out is not None and procs.is_main and (done % settings.checkpoint_every == 0 or done == settings.steps):
                 save_checkpoint(out, state, opt, {"step": done, "lambda": lam, "final_loss": last_loss, "key": key,
                                                   "space": space.to_dict(), "settings": asdict(settings)})
+                last_ckpt = done
+    except KeyboardInterrupt:
+        ck = f"last checkpoint: step {last_ckpt}" if last_ckpt else "no checkpoint yet"
+        raise Interrupted(f"at step {current} of {settings.steps} ({ck})") from None
     finally:
         bar.close()
     procs.wait()
@@ -389,32 +454,34 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
 # ---------------------------------------------------------------- validation (model selection)
 
 @torch.no_grad()
-def plan_accuracy(model, processor, plan, dataset, batch_size: int = 32, procs: Procs | None = None) -> float:
-    """Teacher-forced exact-match accuracy of a hard plan: a question counts when every answer
-    token and the eos are the argmax (exactly when greedy decoding would produce the answer, for
-    answers that are whole tokens). One reduced forward per batch, no generation: cheap enough to
-    compare candidate plans on the validation split."""
+def plan_scores(model, processor, plan, dataset, batch_size: int = 32, procs: Procs | None = None) -> dict:
+    """Teacher-forced scores of a hard plan on ``dataset``: ``accuracy`` (a question counts when
+    every answer token and the eos are the argmax: exactly when greedy decoding produces the
+    answer, for answers that are whole tokens) and ``ce`` (mean answer-token cross-entropy). One
+    reduced forward per batch, no generation: cheap enough to compare candidate plans."""
+    from ..data.datasets import make_train_batch
     from ..patch.llava import apply_plan
 
     procs = procs or Procs()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    reduced = apply_plan(model, plan) if plan is not None else None
+    fwd = apply_plan(model, plan) if plan is not None and plan.sites else model
     rows = list(range(len(dataset)))[procs.rank::procs.world]
-    tally = torch.zeros(2)
+    tally = torch.zeros(4, dtype=torch.float64)  # right, questions, summed CE, answer tokens
     for s in range(0, len(rows), batch_size):
         recs, imgs = dataset.batch(rows[s:s + batch_size])
         if not recs:
             continue
-        from ..data.datasets import make_train_batch
-
         b = to_device(make_train_batch(processor, recs, imgs), device, dtype)
         labels = b.pop("labels")
         width = int((labels != -100).sum(1).max()) + 1
-        fwd = reduced if reduced is not None else model
-        logits = fwd(**b, logits_to_keep=width).logits[:, :-1]
+        logits = fwd(**b, logits_to_keep=width).logits[:, :-1].float()
         target = labels[:, -width + 1:]
-        ok = ((logits.argmax(-1) == target) | (target == -100)).all(1)
-        tally += torch.tensor([float(ok.sum()), float(ok.numel())])
+        mask = target != -100
+        ok = ((logits.argmax(-1) == target) | ~mask).all(1)
+        ce = F.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none")
+        tally += torch.tensor([float(ok.sum()), float(ok.numel()), float((ce * mask).sum()), float(mask.sum())],
+                              dtype=torch.float64)
     procs.mean_([tally])
-    return float(tally[0] / tally[1].clamp_min(1))
+    return {"accuracy": float(tally[0] / tally[1].clamp_min(1)), "ce": float(tally[2] / tally[3].clamp_min(1)),
+            "n": int(round(float(tally[1]) * procs.world))}

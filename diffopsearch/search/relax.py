@@ -57,8 +57,9 @@ def log_mask(m: Tensor) -> Tensor:
     """log(m + EPS) in the forward, the gradient of log(m + EPS_GRAD): exact removal of dropped
     keys, bounded gradients (the multiplicative mask's derivative at m = 0 is e^(logit - max), which
     an attention sink makes astronomically large)."""
-    soft = torch.log(m + EPS_GRAD)
-    return soft + (torch.log(m + EPS) - soft).detach()
+    from ..operators.reduce import log_bounded
+
+    return log_bounded(m, EPS, EPS_GRAD)
 
 
 # ---------------------------------------------------------------- grid counts

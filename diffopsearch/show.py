@@ -78,7 +78,7 @@ _WHAT = {
     "merge": "keeps the top {score} tokens and merges each dropped one into its most similar",
     "reweight": "keeps every token and reweights attention by token size (soft mask)",
     "no-op": "does nothing",
-    "hybrid": "is a hybrid",
+    "hybrid": "between the named regimes",
 }
 
 

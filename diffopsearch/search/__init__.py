@@ -112,16 +112,17 @@ def search_plan(model, processor, train, space, settings, n_text, out_dir=None, 
 
     res = search(model, processor, train, space, settings, n_text, out_dir=out_dir, accelerator=accelerator,
                  resume=resume, progress=progress, stop_after=stop_after, hard_cost=hard_cost)
-    plan, repair = discretize(res.state, backbone, settings.budget, text_config, n_text, fill=fill)
     selection = None
-    if heldout is not None and len(heldout):
+    if heldout is not None and len(heldout):  # the argmax plan is the first candidate
         from .loop import Procs
         from .select import candidate_plans, select_plan
 
         cands = candidate_plans(res.state, backbone, settings.budget, text_config, n_text, select_samples,
                                 settings.seed, fill=fill)
-        (origin, plan, repair), best, table = select_plan(model, processor, cands, heldout, procs=Procs(accelerator))
+        (_, plan, repair), best, table = select_plan(model, processor, cands, heldout, procs=Procs(accelerator))
         selection = {"questions": len(heldout), "split": heldout.split, "chosen": best, "candidates": table}
+    else:
+        plan, repair = discretize(res.state, backbone, settings.budget, text_config, n_text, fill=fill)
     plan.seed = settings.seed
     from dataclasses import asdict
 

@@ -142,6 +142,16 @@ class Batches:
 
 
 
+def answer_terms(logits: torch.Tensor, target: torch.Tensor):
+    """Of answer-position logits (B, W, V) and their targets (B, W; -100 = not an answer token):
+    the summed answer-token CE, the number of answer tokens, and (B,) whether every answer token
+    of a row is the argmax."""
+    mask = target != -100
+    ce = F.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none")
+    right = ((logits.argmax(-1) == target) | ~mask).all(1)
+    return (ce * mask).sum(), mask.sum(), right
+
+
 def answer_losses(model, batch: dict, sites, kl_weight: float) -> dict:
     """CE on the answer tokens of the soft forward (and KL to the unreduced model's answer
     distribution when ``kl_weight > 0``). Returns ce, kl, acc (all answer tokens right) tensors."""
@@ -154,9 +164,8 @@ def answer_losses(model, batch: dict, sites, kl_weight: float) -> dict:
     logits = soft_forward(model, batch["input_ids"], sites=sites, **kw)[:, :-1].float()
     target = labels[:, -width + 1:]
     mask = target != -100
-    ce = F.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none")
-    ce = (ce * mask).sum() / mask.sum().clamp_min(1)
-    right = ((logits.argmax(-1) == target) | ~mask).all(1).float().mean()
+    ce_sum, n_tokens, right = answer_terms(logits, target)
+    ce, right = ce_sum / n_tokens.clamp_min(1), right.float().mean()
     kl = torch.zeros((), device=ce.device)
     if kl_weight > 0:
         with torch.no_grad():
@@ -476,11 +485,8 @@ def plan_scores(model, processor, plan, dataset, batch_size: int = 32, procs: Pr
         labels = b.pop("labels")
         width = int((labels != -100).sum(1).max()) + 1
         logits = fwd(**b, logits_to_keep=width).logits[:, :-1].float()
-        target = labels[:, -width + 1:]
-        mask = target != -100
-        ok = ((logits.argmax(-1) == target) | ~mask).all(1)
-        ce = F.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none")
-        tally += torch.tensor([float(ok.sum()), float(ok.numel()), float((ce * mask).sum()), float(mask.sum())],
+        ce_sum, n_tokens, ok = answer_terms(logits, labels[:, -width + 1:])
+        tally += torch.tensor([float(ok.sum()), float(ok.numel()), float(ce_sum), float(n_tokens)],
                               dtype=torch.float64)
     procs.mean_([tally])
     return {"accuracy": float(tally[0] / tally[1].clamp_min(1)), "ce": float(tally[2] / tally[3].clamp_min(1)),

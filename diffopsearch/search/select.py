@@ -19,6 +19,8 @@ the evaluation split is never touched.
 """
 from __future__ import annotations
 
+import json
+
 import torch
 
 from .discretize import Choice, discretize
@@ -45,7 +47,7 @@ def candidate_plans(state: ArchState, backbone: dict, budget: float, text_config
     starts = [("argmax", None)] + [(f"sample {j}", sample_choices(state, seed, j)) for j in range(samples)]
     for origin, choices in starts:
         plan, repair = discretize(state, backbone, budget, text_config, n_text, choices=choices, fill=fill)
-        key = tuple(sorted((k, str(v)) for s in plan.sites for k, v in vars(s).items()))
+        key = json.dumps([s.to_dict() for s in plan.sites], sort_keys=True)
         if key in seen:
             continue
         seen.add(key)

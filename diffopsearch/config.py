@@ -75,7 +75,7 @@ class SearchConfig:
     operator: str = "continuous"  # continuous knobs | mixture over named regimes
     steps: int = 120
     lr: float = 0.2
-    batch_size: int = 16
+    batch_size: int = 8
     candidate_layers: Optional[List[int]] = None  # null = every layer the backbone allows
     ladder: List[float] = field(default_factory=lambda: list(DEFAULT_LADDER))
     tau_start: float = 1.0

@@ -76,8 +76,8 @@ def test_shipped_backbone_record_matches_a_fresh_measurement(monkeypatch):
     assert abs(_shipped_accuracy()["accuracy"] - rec["test"]["accuracy"]) < 0.05
 
 
-@pytest.mark.xfail(strict=False, reason="known: the shipped toy backbone does not reach the issue's quality "
-                   "target yet (see training.json and the foundation issue's note)")
+@pytest.mark.xfail(strict=False, reason="known: the shipped toy backbone passes 85% overall but its relation "
+                   "family stays at chance, under the 60% per-family target (README, training.json)")
 def test_shipped_backbone_quality_on_the_test_split(monkeypatch):
     """Unreduced accuracy on (the first 150 images of) the test split: >= 85% overall, >= 60% per family."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -112,3 +112,42 @@ def test_packed_training_batch_gives_each_question_the_single_prompt_logits():
             assert torch.allclose(single.logits[0, -1], model.lm_head(hidden[r, a - 1]), atol=1e-5), prompt
             nouns = tok.convert_ids_to_tokens(batch.ids[r, batch.nouns[n]].tolist())
             assert all(w in train.NOUNS for w in nouns) and all(w in prompt.split() for w in nouns)
+            for h in range(2):  # each phrase: the whole run of modifiers before its noun, and the noun
+                where = batch.phrases[n][h]
+                words = tok.convert_ids_to_tokens(batch.ids[r, where].tolist())
+                assert where[-1] == int(batch.nouns[n, h]) and where == list(range(where[0], where[-1] + 1))
+                assert all(w in train.MODIFIERS for w in words[:-1]) and " ".join(words) in prompt
+                assert tok.convert_ids_to_tokens(int(batch.ids[r, where[0] - 1])) not in train.MODIFIERS
+
+
+def test_the_taught_circuit_losses_reach_the_layers_they_supervise_and_no_later_one():
+    """The four attention losses (phrase, noun, route, answer) are finite, send gradients to the
+    layers they supervise and not past them, and their phrase targets are uniform over the phrase."""
+    from diffopsearch.backbone import train
+
+    torch.manual_seed(0)
+    three = dict(TINY, text=dict(TINY["text"], num_hidden_layers=3, num_key_value_heads=4))  # no GQA, as the toy
+    model, tok = toy.build_model(seed=2, **three), toy.build_processor().tokenizer
+    batch = train.make_batch(tok, random.Random(3), images=2, questions=5, max_objects=6)
+    layers = model.model.language_model.layers
+    ground = {name: train._QK(layers[i].self_attn) for name, i in
+              (("phrase", 0), ("noun", 1), ("route", 1), ("answer", 1))}
+    words = train._attr_words(tok)
+    d = model.config.text_config.hidden_size
+    heads = torch.nn.ModuleDict({"row": torch.nn.Linear(d, world.GRID), "col": torch.nn.Linear(d, world.GRID),
+                                 "cls": torch.nn.Linear(model.config.vision_config.hidden_size, 15)})
+    pv = pixels([world.render(s) for s in batch.scenes])
+    qa, align, ok, gl = train.forward_losses(model, heads, words, batch, pv, train.patch_labels(batch.scenes), ground)
+    assert torch.isfinite(gl) and float(gl) > 0
+    gl.backward()
+    assert layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert layers[-1].self_attn.q_proj.weight.grad is None or float(layers[-1].self_attn.q_proj.weight.grad.abs().sum()) == 0
+    T = batch.ids.shape[1]
+    target = train.position_targets(batch, batch.phrases)
+    p = target / target.sum(-1, keepdim=True)
+    assert torch.allclose(p.sum(-1), torch.ones(len(batch.row), 2))
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    assert float(entropy) > 0  # phrases of several words: a spread target
+    for n, per_head in enumerate(batch.phrases):
+        for h, where in enumerate(per_head):
+            assert set(p[n, h].nonzero().flatten().tolist()) == set(where) and T > max(where)

@@ -52,7 +52,7 @@ class SearchSettings:
     operator: str = "continuous"
     steps: int = 120
     lr: float = 0.2
-    batch_size: int = 16
+    batch_size: int = 8
     tau_start: float = 1.0
     tau_end: float = 0.3
     warmup_steps: int = 10

@@ -132,12 +132,9 @@ def test_the_taught_circuit_losses_reach_the_layers_they_supervise_and_no_later_
     layers = model.model.language_model.layers
     ground = {name: train._QK(layers[i].self_attn) for name, i in
               (("phrase", 0), ("noun", 1), ("route", 1), ("answer", 1))}
-    words = train._attr_words(tok)
-    d = model.config.text_config.hidden_size
-    heads = torch.nn.ModuleDict({"row": torch.nn.Linear(d, world.GRID), "col": torch.nn.Linear(d, world.GRID),
-                                 "cls": torch.nn.Linear(model.config.vision_config.hidden_size, 15)})
     pv = pixels([world.render(s) for s in batch.scenes])
-    qa, align, ok, gl = train.forward_losses(model, heads, words, batch, pv, train.patch_labels(batch.scenes), ground)
+    qa, align, ok, gl = train.forward_losses(model, train.aux_heads(model), train._attr_words(tok), batch, pv,
+                                             train.patch_labels(batch.scenes), ground)
     assert torch.isfinite(gl) and float(gl) > 0
     gl.backward()
     assert layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0

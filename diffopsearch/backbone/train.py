@@ -253,6 +253,15 @@ def position_targets(batch: Batch, positions) -> torch.Tensor:
     return target
 
 
+def aux_heads(model) -> torch.nn.ModuleDict:
+    """The throw-away heads of the alignment loss: row and column of each visual token, and the
+    scene's colour-shape pairs from the CLS state. Trained with the model, never saved with it."""
+    d = model.config.text_config.hidden_size
+    return torch.nn.ModuleDict({"row": torch.nn.Linear(d, world.GRID), "col": torch.nn.Linear(d, world.GRID),
+                                "cls": torch.nn.Linear(model.config.vision_config.hidden_size,
+                                                       len(world.COLORS) * len(world.SHAPES))})
+
+
 def forward_losses(model, heads, words, batch: Batch, pixel_values, labels, ground=None):
     """Answer loss (answer token and </s>), the alignment loss and, given ``ground`` (layer name ->
     q/k capture), the attention losses of the circuit the toy backbone is taught:
@@ -278,13 +287,12 @@ def forward_losses(model, heads, words, batch: Batch, pixel_values, labels, grou
         first_img = int(img[0].float().argmax())
         objects = object_targets(batch, first_img)
         at_answer = (a - 1)[:, None].expand(-1, 2)
-        targets = {"phrase": (batch.nouns, lambda: position_targets(batch, batch.phrases)),
-                   "noun": (batch.nouns, lambda: objects),
-                   "route": (at_answer, lambda: position_targets(batch, batch.nouns[:, :, None].tolist())),
-                   "answer": (at_answer, lambda: objects)}
+        targets = {"phrase": (batch.nouns, position_targets(batch, batch.phrases)),
+                   "noun": (batch.nouns, objects),
+                   "route": (at_answer, position_targets(batch, batch.nouns[:, :, None].tolist())),
+                   "answer": (at_answer, objects)}
         for name, qk in ground.items():
-            at, target = targets[name]
-            gl = gl + attention_loss(model, qk, batch, at, target())
+            gl = gl + attention_loss(model, qk, batch, *targets[name])
     # alignment: visual tokens classified against the decoder's word embeddings
     align = 0.0
     for k in ATTRS:
@@ -338,11 +346,8 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
     processor = toy.build_processor()
     tokenizer = processor.tokenizer
     model = toy.build_model(seed=cfg.seed).train()
-    d = model.config.text_config.hidden_size
     torch.manual_seed(cfg.seed)
-    heads = torch.nn.ModuleDict({"row": torch.nn.Linear(d, world.GRID), "col": torch.nn.Linear(d, world.GRID),
-                                 "cls": torch.nn.Linear(model.config.vision_config.hidden_size,
-                                                        len(world.COLORS) * len(world.SHAPES))})
+    heads = aux_heads(model)
     named = list(model.named_parameters()) + [(f"heads.{n}", p) for n, p in heads.named_parameters()]
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))

@@ -93,6 +93,9 @@ class SearchConfig:
     grad_clip: float = 10.0  # max L2 norm of the architecture-state gradient per step (0 = no clipping; search/loop.py)
     select_samples: int = 6  # plans sampled from the learned distributions besides the argmax (search/select.py)
     select_questions: int = 384  # held-out search-split questions that choose among them (0 = argmax only)
+    select_corners: bool = True  # the space's single-site corners are candidates too (search/select.py)
+    screen_questions: Optional[int] = 64  # candidates besides the argmax are screened on this many first; null = off
+    select_finalists: int = 2  # the screen's best that are scored on all select_questions, with the argmax
 
 
 @dataclass
@@ -242,6 +245,8 @@ def validate(cfg: DictConfig) -> None:
         _at_least("search.train_limit", s.train_limit, 1, allow_none=True)
         _at_least("search.select_samples", s.select_samples, 0)
         _at_least("search.select_questions", s.select_questions, 0)
+        _at_least("search.screen_questions", s.screen_questions, 1, allow_none=True)
+        _at_least("search.select_finalists", s.select_finalists, 1)
         if not (math.isfinite(s.lr) and s.lr > 0):
             raise UserError(f"search.lr={s.lr!r} is not valid: the learning rate must be > 0.")
         if not (0 < s.tau_end <= s.tau_start):

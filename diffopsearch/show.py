@@ -163,8 +163,10 @@ def card(plan, plan_file: Path, results: dict | None = None, note: str | None = 
                 for k in ("steps", "final_loss", "seconds", "seed") if s.get(k) is not None]
         sel = s.get("selection")
         if sel:
-            bits.append(f"chosen among {len(sel['candidates'])} candidate plans on {sel['questions']} held-out "
-                        "search questions")
+            chosen = sel["candidates"][sel["chosen"]]["origin"]
+            screen = f" (screened on {sel['screen_questions']} first)" if sel.get("screen_questions") else ""
+            bits.append(f"chosen ({chosen}) among {len(sel['candidates'])} candidate plans on {sel['questions']} "
+                        f"held-out search questions{screen}")
         console.print("searched: " + ", ".join(bits))
 
     # -- in words

@@ -458,6 +458,55 @@ def test_selection_picks_the_best_held_out_candidate_within_budget(tiny4, train,
         [c["sites"] for c in sel["candidates"]]
 
 
+def test_corners_are_single_named_regime_sites_that_fill_the_budget(tiny4):
+    """Every corner is one site of a named regime at a candidate layer, fits the budget, and keeps
+    the most tokens that fit (one more does not, for pool: the next realisable grid); no attention
+    score before layer 0; a layer where one token left already costs too much gives none."""
+    from diffopsearch.cost import plan_cost
+    from diffopsearch.plan import Plan, Site
+    from diffopsearch.search.select import corner_plans
+    from diffopsearch.search.state import regime_knobs
+
+    model, _ = tiny4
+    tc, bb = model.config.text_config, _backbone(model)
+    space = _space(model, layers=[0, 1, 2, 3])
+    corners = corner_plans(space, bb, 0.5, tc, 20.0)
+    layers = {p.sites[0].layer for _, p, _ in corners}
+    assert layers and layers <= {0, 1} and 0 in layers  # layers 2, 3 of 4 cannot reach half the FLOPs
+    for origin, plan, _ in corners:
+        (site,) = plan.sites
+        assert plan.cost["flops_ratio"] <= 0.5 and not (site.layer == 0 and site.score == "attn")
+        regime = origin.split()[1].split("/")[0]
+        assert {k: getattr(site, k) for k in ("score", "anchors", "merge", "sharpness", "locality", "reweight")} \
+            == regime_knobs(regime, site.score)
+        if regime != "pool":
+            more = Plan(sites=[Site(layer=site.layer, keep=site.keep + 1, **regime_knobs(regime, site.score))],
+                        backbone=bb)
+            assert plan_cost(tc, more, space.n_visual, 20.0)["flops_ratio"] > 0.5
+    assert len({o for o, _, _ in corners}) == len(corners)
+    assert corner_plans(space, bb, 0.01, tc, 20.0) == []
+
+
+def test_two_stage_selection_screens_the_corners_and_samples_then_scores_finalists(tiny4, train):
+    from diffopsearch.search import hold_out
+
+    model, proc = tiny4
+    rest, held = hold_out(train, 6, seed=0)
+    space = _space(model, layers=[0, 1, 2])
+    plan, _ = search_plan(model, proc, rest, space, _settings(), 20.0, progress=False, heldout=held,
+                          select_samples=2, select_corners=True, screen_questions=4, finalists=2)
+    sel = plan.search["selection"]
+    cands = sel["candidates"]
+    assert sel["screen_questions"] == 4 and cands[0]["origin"] == "argmax" and "screen_ce" not in cands[0]
+    assert any(c["origin"].startswith("corner ") for c in cands) and len(cands) > 4
+    screened = sorted(range(1, len(cands)), key=lambda i: (cands[i]["screen_ce"], i))
+    finalists = {0, *screened[:2]}
+    assert {i for i, c in enumerate(cands) if c["ce"] is not None} == finalists
+    assert sel["chosen"] in finalists
+    assert cands[sel["chosen"]]["ce"] == min(cands[i]["ce"] for i in finalists)
+    assert all(c["flops_ratio"] <= 0.5 for c in cands) and plan.cost["flops_ratio"] <= 0.5
+
+
 def test_straight_through_ladder_gradients_stay_bounded(tiny4, train):
     """Regression: dropped anchors' log-weights used to send 1e6-1e19-sized gradients into the
     keep-ladder logits (then Adam froze them); with bounded logs every step's gradient is small."""

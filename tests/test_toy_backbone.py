@@ -120,6 +120,23 @@ def test_packed_training_batch_gives_each_question_the_single_prompt_logits():
                 assert tok.convert_ids_to_tokens(int(batch.ids[r, where[0] - 1])) not in train.MODIFIERS
 
 
+def test_relation_probe_targets_determine_the_answer():
+    """The relation probes' targets (both referents' row / col, their order, the relation asked) are
+    exactly what a relation answer depends on: the answer follows from them for every question."""
+    from diffopsearch.backbone import train
+
+    tok = toy.build_processor().tokenizer
+    batch = train.make_batch(tok, random.Random(5), images=4, questions=10, max_objects=8)
+    idx, where, order = train.relation_targets(batch)
+    assert len(idx) >= 4 and where.shape == (len(idx), 4) and order.shape == (len(idx), 3)
+    assert int(where.max()) < world.GRID and set(order[:, :2].flatten().tolist()) <= {0, 1, 2}
+    for n, (rows, cols, rel) in zip(idx.tolist(), order.tolist()):
+        first_is = {"left of": cols == 0, "right of": cols == 2, "above": rows == 0, "below": rows == 2}
+        word = tok.convert_ids_to_tokens(int(batch.ids[batch.row[n], batch.answer[n]]))
+        assert word == ("yes" if first_is[world.RELATIONS[rel]] else "no")
+    assert all(r == -1 for f, r in zip(batch.families, batch.relations) if f != "relation")
+
+
 def test_the_taught_circuit_losses_reach_the_layers_they_supervise_and_no_later_one():
     """The four attention losses (phrase, noun, route, answer) are finite, send gradients to the
     layers they supervise and not past them, and their phrase targets are uniform over the phrase."""
@@ -133,8 +150,8 @@ def test_the_taught_circuit_losses_reach_the_layers_they_supervise_and_no_later_
     ground = {name: train._QK(layers[i].self_attn) for name, i in
               (("phrase", 0), ("noun", 1), ("route", 1), ("answer", 1))}
     pv = pixels([world.render(s) for s in batch.scenes])
-    qa, align, ok, gl = train.forward_losses(model, train.aux_heads(model), train._attr_words(tok), batch, pv,
-                                             train.patch_labels(batch.scenes), ground)
+    qa, align, ok, gl, rel = train.forward_losses(model, train.aux_heads(model), train._attr_words(tok), batch,
+                                                  pv, train.patch_labels(batch.scenes), ground)
     assert torch.isfinite(gl) and float(gl) > 0
     gl.backward()
     assert layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0

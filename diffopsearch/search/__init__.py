@@ -89,10 +89,13 @@ def hold_out(train, n: int, seed: int):
 
 def search_plan(model, processor, train, space, settings, n_text, out_dir=None, accelerator=None, resume=False,
                 progress=True, config: dict | None = None, stop_after=None, model_name: str = "", fill: bool = True,
-                heldout=None, select_samples: int = 0):
+                heldout=None, select_samples: int = 0, select_corners: bool = False, screen_questions=None,
+                finalists: int = 2):
     """Search, discretize and repair: returns (plan, SearchResult). With ``heldout`` questions,
-    the plan is the best on them of the argmax plan and ``select_samples`` plans sampled from the
-    learned distributions (:mod:`.select`). Writes nothing but the loop's log / checkpoints."""
+    the plan is the best on them of the argmax plan, ``select_samples`` plans sampled from the
+    learned distributions and (``select_corners``) the single-site corners of the space; with
+    ``screen_questions``, the candidates besides the argmax are screened on that many of them and
+    ``finalists`` go on (:mod:`.select`). Writes nothing but the loop's log / checkpoints."""
     from ..plan import backbone_info
     from .discretize import discretize, min_cost_ratio
     from .loop import search
@@ -115,12 +118,17 @@ def search_plan(model, processor, train, space, settings, n_text, out_dir=None, 
     selection = None
     if heldout is not None and len(heldout):  # the argmax plan is the first candidate
         from .loop import Procs
-        from .select import candidate_plans, select_plan
+        from .select import candidate_plans, corner_plans, select_plan
 
         cands = candidate_plans(res.state, backbone, settings.budget, text_config, n_text, select_samples,
                                 settings.seed, fill=fill)
-        (_, plan, repair), best, table = select_plan(model, processor, cands, heldout, procs=Procs(accelerator))
-        selection = {"questions": len(heldout), "split": heldout.split, "chosen": best, "candidates": table}
+        if select_corners:
+            cands += corner_plans(space, backbone, settings.budget, text_config, n_text)
+        (_, plan, repair), best, table = select_plan(model, processor, cands, heldout, screen_questions,
+                                                     finalists, procs=Procs(accelerator))
+        selection = {"questions": len(heldout), "split": heldout.split, "chosen": best, "candidates": table,
+                     "screen_questions": screen_questions if screen_questions and len(table) > finalists + 1
+                     and screen_questions < len(heldout) else None}
     else:
         plan, repair = discretize(res.state, backbone, settings.budget, text_config, n_text, fill=fill)
     plan.seed = settings.seed
@@ -187,7 +195,10 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     plan, res = search_plan(model, processor, train, space, settings, n_text, out_dir=out,
                             accelerator=accelerator, resume=bool(_get(cfg, "resume", False)),
                             config=to_dict(cfg), model_name=model_id, fill=bool(_get(cfg.search, "fill", True)),
-                            heldout=heldout, select_samples=int(_get(cfg.search, "select_samples", 0)))
+                            heldout=heldout, select_samples=int(_get(cfg.search, "select_samples", 0)),
+                            select_corners=bool(_get(cfg.search, "select_corners", False)),
+                            screen_questions=_get(cfg.search, "screen_questions", None),
+                            finalists=int(_get(cfg.search, "select_finalists", 2)))
     if is_main:
         plan.save(out / PLAN_NAME)
         _print_plan(plan)

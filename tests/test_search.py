@@ -150,9 +150,48 @@ def test_a_one_hot_state_runs_exactly_the_hard_plan(tiny4, train):
         sites = relax.build_sites(state, state.sample(3, 0.1, 0, hard=True))
         with torch.no_grad():
             soft = soft_forward(model, b["input_ids"], sites=sites, attention_mask=b["attention_mask"],
-                                pixel_values=b["pixel_values"], position_ids=b["position_ids"], logits_to_keep=width)
+                                pixel_values=b["pixel_values"], position_ids=b["position_ids"], logits_to_keep=width,
+                                query_index=b["query_index"])
             hard = apply_plan(model, plan)(**b, logits_to_keep=width).logits
         assert torch.allclose(soft, hard, atol=1e-4), (regimes, (soft - hard).abs().max())
+
+
+def test_teacher_forced_scores_rank_by_the_last_prompt_token_as_generation_does(tiny4, train):
+    """Regression: the search and the selection score a plan on prompt + answer; an ``attn`` site
+    must rank visual tokens by the last *prompt* token's attention (what generation sees), not by
+    the last position's, which reads the answer. The soft and the hard forward of a train batch
+    then predict the first answer token exactly as the prompt alone does."""
+    from diffopsearch.data.datasets import make_eval_batch, make_train_batch
+    from diffopsearch.patch.llava import apply_plan, soft_forward
+    from diffopsearch.search.loop import answer_losses
+
+    model, proc = tiny4
+    recs, imgs = train.batch(range(1))
+    b = make_train_batch(proc, recs, imgs)
+    ev = make_eval_batch(proc, recs, imgs)
+    q = int(b["query_index"][0])
+    back = q - b["input_ids"].shape[1]  # from the end: the hard forward's sequence is shorter
+    assert q == ev["input_ids"].shape[1] - 1 and int(b["labels"][0, q]) == -100 and int(b["labels"][0, q + 1]) >= 0
+    state = ArchState(_space(model, "mixture", layers=[2]))
+    with torch.no_grad():
+        state.ladder_logits.fill_(-60.0)
+        state.ladder_logits[0, 3] = 60.0  # keep 0.25
+        state.regime_logits.fill_(-60.0)
+        state.regime_logits[0, REGIMES.index("prune")] = 60.0
+    plan = dz.make_plan(state, dz.argmax_choices(state), _backbone(model), 1.0, model.config.text_config, 20.0)
+    assert [(s.layer, s.score) for s in plan.sites] == [(2, "attn")]
+    fwd = apply_plan(model, plan)
+    with torch.no_grad():
+        want = fwd(**ev).logits[0, -1]
+        hard = fwd(**{k: v for k, v in b.items() if k != "labels"}).logits[0, back]
+        sites = relax.build_sites(state, state.sample(0, 0.1, 0, hard=True))
+        soft = soft_forward(model, b["input_ids"], sites=sites, attention_mask=b["attention_mask"],
+                            pixel_values=b["pixel_values"], position_ids=b["position_ids"],
+                            query_index=b["query_index"])[0, q]
+        blind = fwd(**{k: v for k, v in b.items() if k not in ("labels", "query_index")}).logits[0, back]
+    assert torch.allclose(hard, want, atol=1e-4) and torch.allclose(soft, want, atol=1e-4)
+    assert not torch.allclose(blind, want, atol=1e-4)  # the last position's attention ranks differently
+    assert torch.isfinite(answer_losses(model, b, sites, kl_weight=0.0)["ce"])
 
 
 @pytest.mark.parametrize("hard", [False, True])

@@ -362,8 +362,10 @@ def make_train_batch(processor, examples: Sequence[dict], images: Sequence, answ
     """Training batch for the search: prompt + answer + eos, left padded.
 
     ``labels`` are -100 everywhere except the answer tokens and the eos; ``position_ids`` count from
-    the first real token of each row (left padding). The answer is tokenized on its own (no special
-    tokens), as the model generates it after the prompt, so prompt tokens never change."""
+    the first real token of each row (left padding); ``query_index`` (B,) is each row's last prompt
+    token, whose attention ranks tokens for ``attn`` scores: generation sees that token last, and a
+    score from the last position would read the answer. The answer is tokenized on its own (no
+    special tokens), as the model generates it after the prompt, so prompt tokens never change."""
     import torch
 
     enc = make_eval_batch(processor, examples, images)
@@ -385,6 +387,8 @@ def make_train_batch(processor, examples: Sequence[dict], images: Sequence, answ
         attention[i, width - len(r):] = 1
         labels[i, width - a:] = input_ids[i, width - a:]
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids, "labels": labels}
+    query_index = torch.tensor([width - a - 1 for a in answer_lens], dtype=torch.long)
+    out = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids, "labels": labels,
+           "query_index": query_index}
     out.update({k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")})
     return out

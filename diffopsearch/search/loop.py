@@ -160,7 +160,7 @@ def answer_losses(model, batch: dict, sites, kl_weight: float) -> dict:
     labels = batch["labels"]
     width = int((labels != -100).sum(1).max()) + 1  # answer tokens + the position predicting the first
     kw = dict(attention_mask=batch["attention_mask"], pixel_values=batch.get("pixel_values"),
-              position_ids=batch.get("position_ids"), logits_to_keep=width)
+              position_ids=batch.get("position_ids"), logits_to_keep=width, query_index=batch.get("query_index"))
     logits = soft_forward(model, batch["input_ids"], sites=sites, **kw)[:, :-1].float()
     target = labels[:, -width + 1:]
     mask = target != -100
@@ -483,6 +483,9 @@ def plan_scores(model, processor, plan, dataset, batch_size: int = 32, procs: Pr
             continue
         b = to_device(make_train_batch(processor, recs, imgs), device, dtype)
         labels = b.pop("labels")
+        query = b.pop("query_index")  # attn scores from the last prompt token, as in generation
+        if fwd is not model:
+            b["query_index"] = query
         width = int((labels != -100).sum(1).max()) + 1
         logits = fwd(**b, logits_to_keep=width).logits[:, :-1].float()
         ce_sum, n_tokens, ok = answer_terms(logits, labels[:, -width + 1:])

@@ -9,20 +9,20 @@ derives a few candidates, as DARTS-style methods do before they commit:
 - the argmax plan (repaired and filled to the budget, as before);
 - ``samples`` plans drawn from the learned distributions (temperature 1, Gumbel noise from a
   stream of their own, so the draw is a function of the seed), each repaired to the budget;
-
 - the space's single-site *corners* (:func:`corner_plans`): at each candidate layer, each named
   regime (prune / merge / pool) with each score the layer offers, keeping as many tokens as the
-  budget allows. A short search collapses onto multi-site mixtures that look cheap (measured on the
-  toy backbone at budgets 0.4 and 0.25: every learned candidate spread its cuts over 4-6 layers and
-  lost 40 points, while one early cut ranked by CLS attention lost 2-3); the corners are where the
-  relaxation's mass never went. They are screened first on ``screen`` held-out questions and the
-  best ``corners`` of them join the learned candidates;
+  budget allows. A short search can collapse onto multi-site mixtures that look cheap (measured on
+  an earlier toy backbone at budgets 0.4 and 0.25: every learned candidate spread its cuts over 4-6
+  layers and lost 40 points, while one early cut ranked by CLS attention lost 2-3); the corners are
+  where the relaxation's mass did not go;
 
 and scores every distinct one on held-out questions of the *search* split that the loop never
 trained on: the answer cross-entropy of one teacher-forced reduced forward (the search's own
 objective; accuracy is recorded too but not used: on a few hundred questions its noise is a few
-points, and on the toy backbone it picked plans the test split then found worse). The lowest is
-the plan. Every candidate is a plan of the searched space and satisfies ``cost <= budget``;
+points, and on the toy backbone it picked plans the test split then found worse). With many
+candidates it runs in two stages (:func:`select_plan`): a screen on the first few held-out
+questions, then the argmax plan and the screen's best few on all of them. The lowest is the plan.
+Every candidate is a plan of the searched space and satisfies ``cost <= budget``;
 the evaluation split is never touched.
 """
 from __future__ import annotations

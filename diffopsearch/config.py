@@ -73,7 +73,7 @@ class PlanConfig:
 @dataclass
 class SearchConfig:
     operator: str = "continuous"  # continuous knobs | mixture over named regimes
-    steps: int = 120
+    steps: int = 80
     lr: float = 0.2
     batch_size: int = 8
     candidate_layers: Optional[List[int]] = None  # null = every layer the backbone allows

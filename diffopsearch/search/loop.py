@@ -50,7 +50,7 @@ class SearchSettings:
     budget: float = 0.6
     seed: int = 0
     operator: str = "continuous"
-    steps: int = 120
+    steps: int = 80
     lr: float = 0.2
     batch_size: int = 8
     tau_start: float = 1.0

@@ -127,8 +127,8 @@ def search_plan(model, processor, train, space, settings, n_text, out_dir=None, 
         (_, plan, repair), best, table = select_plan(model, processor, cands, heldout, screen_questions,
                                                      finalists, procs=Procs(accelerator))
         selection = {"questions": len(heldout), "split": heldout.split, "chosen": best, "candidates": table,
-                     "screen_questions": screen_questions if screen_questions and len(table) > finalists + 1
-                     and screen_questions < len(heldout) else None}
+                     # select_plan decides whether it screened; its table says so
+                     "screen_questions": screen_questions if any("screen_ce" in r for r in table) else None}
     else:
         plan, repair = discretize(res.state, backbone, settings.budget, text_config, n_text, fill=fill)
     plan.seed = settings.seed

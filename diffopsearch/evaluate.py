@@ -7,7 +7,9 @@
   (``accelerate.utils.gather_object``) and the main process appends them to the answer cache. So
   ``n`` and the accuracy do not depend on the number of processes, and only the main process writes.
 - Resumable: the answer cache holds one line per answered question, tagged with a hash of
-  everything that determines the answer (plan, model, data set, split, prompt, max_new_tokens).
+  everything that determines the answer (plan, model, data set, split, prompt, max_new_tokens, and
+  the fingerprints of the package's code, the weight files and the data files: answers never
+  outlive the code that made them; a mismatch is recomputed with one warning line).
   ``diffopsearch eval`` keeps it in ``outputs/.answers/<hash>.jsonl`` under the working directory,
   so a rerun with the same settings (in its own new run directory) only generates what is missing.
 - Cost is measured, not assumed: the FLOPs ratio from :func:`diffopsearch.cost.plan_cost` at the
@@ -78,27 +80,46 @@ class _Procs:
 
 # ---------------------------------------------------------------- answer cache
 
-def settings_key(plan_dict: dict | None, model_id: str, dataset, max_new_tokens: int, prompt_probe: str) -> str:
-    """Hash of everything that determines an answer (not the batch size or process count)."""
+def settings_key(plan_dict: dict | None, model_id: str, dataset, max_new_tokens: int, prompt_probe: str,
+                 origin: dict | None = None) -> str:
+    """Hash of everything that determines an answer (not the batch size or process count). ``origin``:
+    the code / weights / data fingerprints (:func:`answer_origin`); answers made by other code, other
+    weights or other data files never match."""
     blob = json.dumps({"plan": plan_dict, "model": model_id, "dataset": [dataset.name, dataset.path, dataset.split],
-                       "max_new_tokens": max_new_tokens, "prompt": prompt_probe}, sort_keys=True, default=str)
+                       "max_new_tokens": max_new_tokens, "prompt": prompt_probe, "origin": origin},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_cache(path: Path | None, key: str) -> dict[str, str]:
-    """qid -> prediction for the lines of ``path`` made with ``key``; a torn last line is ignored."""
-    out: dict[str, str] = {}
+def answer_origin(model, dataset) -> dict:
+    """What made an answer besides the settings: the code, the model weights, the data files."""
+    from .fingerprint import code_fingerprint, dataset_fingerprint, model_fingerprint
+
+    return {"code": code_fingerprint(), "weights": model_fingerprint(model), "data": dataset_fingerprint(dataset)}
+
+
+def _cache_rows(path: Path | None):
+    """The well-formed rows of an answer cache; a torn last line is ignored."""
     if path is None or not path.exists():
-        return out
+        return
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and row.get("key") == key and "qid" in row and "prediction" in row:
-                out[str(row["qid"])] = row["prediction"]
-    return out
+            if isinstance(row, dict) and "qid" in row and "prediction" in row:
+                yield row
+
+
+def read_cache(path: Path | None, key: str) -> dict[str, str]:
+    """qid -> prediction for the lines of ``path`` made with ``key``."""
+    return {str(r["qid"]): r["prediction"] for r in _cache_rows(path) if r.get("key") == key}
+
+
+def stale_answers(path: Path | None, key: str, settings: str) -> int:
+    """Lines with the same settings but another key: answers of other code, weights or data."""
+    return sum(1 for r in _cache_rows(path) if r.get("settings") == settings and r.get("key") != key)
 
 
 def _end_line(path: Path) -> None:
@@ -110,12 +131,13 @@ def _end_line(path: Path) -> None:
                 f.write(b"\n")
 
 
-def _append_cache(path: Path, key: str, answers: list[dict]) -> None:
+def _append_cache(path: Path, key: str, answers: list[dict], settings: str | None = None) -> None:
     if not answers:
         return
     with open(path, "a", encoding="utf-8") as f:
         for a in answers:
-            f.write(json.dumps({"key": key, "qid": a["qid"], "prediction": a["prediction"]}) + "\n")
+            f.write(json.dumps({"key": key, "settings": settings, "qid": a["qid"], "prediction": a["prediction"]})
+                    + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -306,11 +328,13 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
         reduced = model
     plan_dict = plan.to_dict() if plan is not None else None
     model_id = model_name or str(getattr(model, "name_or_path", "") or type(model).__name__)
-    key = settings_key(plan_dict, f"{model_id}|{dtype}", dataset, max_new_tokens, format_prompt("{q}", processor))
+    settings = settings_key(plan_dict, f"{model_id}|{dtype}", dataset, max_new_tokens, format_prompt("{q}", processor))
+    key = settings_key(plan_dict, f"{model_id}|{dtype}", dataset, max_new_tokens, format_prompt("{q}", processor),
+                       origin=answer_origin(model, dataset))
     out_dir = Path(out_dir) if out_dir is not None else None
     cache = Path(cache_path) if cache_path is not None else (out_dir / CACHE_NAME if out_dir is not None else None)
     if cache is not None and (cache.is_dir() or str(cache_path).endswith(os.sep)):
-        cache = cache / f"{key}.jsonl"  # a shared cache folder: one file per settings key
+        cache = cache / f"{settings}.jsonl"  # a shared cache folder: one file per settings, keyed lines inside
 
     # -- resume: everyone reads the cache the main process has (maybe) just cleared
     if procs.is_main and cache is not None:
@@ -322,6 +346,9 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
     ids = dataset.ids
     wanted = set(ids)
     done = {q: p for q, p in read_cache(cache, key).items() if q in wanted}  # limit may have shrunk
+    if not done and procs.is_main and stale_answers(cache, key, settings):
+        log.warning("the cached answers in %s were made by another version of diffopsearch or other model "
+                    "weights or data files: recomputing them.", cache)
     pending = [i for i, q in enumerate(ids) if q not in done]
     mine = pending[procs.rank::procs.world]
     n_steps = math.ceil(math.ceil(len(pending) / procs.world) / batch_size) if pending else 0
@@ -366,7 +393,7 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
                     answers[a["qid"]] = a["prediction"]
                     fresh.append(a)
             if procs.is_main and cache is not None:
-                _append_cache(cache, key, fresh)
+                _append_cache(cache, key, fresh, settings)
             if progress is not None:
                 progress.advance(task)
     except KeyboardInterrupt:
@@ -405,7 +432,8 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
 
             if cache != out_dir / CACHE_NAME:  # the run dir always holds its own answers
                 atomic_write_text(out_dir / CACHE_NAME, "".join(
-                    json.dumps({"key": key, "qid": q, "prediction": p}) + "\n" for q, p in answers.items()))
+                    json.dumps({"key": key, "settings": settings, "qid": q, "prediction": p}) + "\n"
+                    for q, p in answers.items()))
             atomic_write_json(out_dir / RESULTS_NAME, results)
         if show:
             print_results(results)

@@ -32,8 +32,9 @@ anchor; lambda = inf: nearest anchor, it wins if both are inf; both 0: evenly). 
 ``y_i = (s_i V_i + mu sum_j P_ij s_j V_j) / (s_i + mu sum_j P_ij s_j)``, new size
 ``s_i + mu sum_j P_ij s_j`` (size-weighted, so stacked merges stay true averages; with all sizes 1
 this is DESIGN's formula). Reweight: the key bias ``rho * log(size)`` (:func:`key_bias`,
-``Reduced.bias``), which the forward adds to these tokens' attention logits in all later layers;
-stacked sites' biases add up (patch/llava.py).
+``Reduced.bias``), which the forward adds to these tokens' attention logits in all later layers.
+Across stacked sites the bias is of the token's *current* cumulative size, never a sum of the
+sites' biases (patch/llava.py, ``reweight_after``).
 
 Soft mode (the search, DESIGN section 3) keeps all n tokens; see :func:`soft_reduce`.
 """

@@ -8,7 +8,13 @@ highest such similarity are merged into their B partner by a size-weighted avera
 LLaVA's visual tokens have none). Proportional attention is the caller's
 ``log(size)`` key bias (the ``reweight`` knob).
 
-Differences from ToMe's ViT code, all forced by the decoder: outputs are returned in original
+Where the merge happens is a choice, not something the decoder forces: a ToMe site before decoder
+layer l merges on layer l-1's keys (before RoPE, mean over kv heads) after that layer's MLP, i.e.
+between two blocks, and before layer 0 on the raw embeddings (the projected image features); ToMe
+merges inside each block, between its attention and its MLP, on that block's own keys. Proportional
+attention is ``log`` of the token's current size in every later layer, as in ToMe.
+
+Differences from ToMe's ViT code forced by the decoder: outputs are returned in original
 position order (RoPE positions must stay increasing) instead of ToMe's ``[unmerged A, B]`` layout,
 so the next step's alternate split runs over the position-ordered sequence; a merged token keeps
 its B token's position id and grid coordinate. ``merge`` (mu) scales the merged-in mass

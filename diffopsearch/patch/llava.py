@@ -31,9 +31,10 @@ Conventions:
   token ids, so it does not depend on batch composition.
 * Similarity keys at a site before layer ``l > 0`` are layer ``l - 1``'s keys before RoPE (content only),
   mean over key/value heads, shape (B, n, head_dim); before layer 0 the hidden states themselves.
-* Reweighting: a site with ``reweight = rho > 0`` adds ``rho * log(size)`` (``Reduced.bias``) to the visual
-  key columns of all later layers; stacked sites' biases add up (a surviving token carries the biases of
-  the sites before, the soft path sums ``SoftOut.bias`` the same way). Then the mask is an additive float
+* Reweighting (proportional attention): after a site with ``reweight = rho > 0`` every visual key column
+  carries the bias ``rho * log(size)`` in all later layers, ``size`` being the token's *current*
+  cumulative size: a token standing for s original tokens is heard as s of them, however many sites
+  merged it. A later site with rho = 0 keeps the rho in effect (:func:`reweight_after`). Then the mask is an additive float
   mask (SDPA and eager both take it); without any bias the fast boolean / ``is_causal`` path is kept,
   built exactly as transformers builds it, which is why an empty plan reproduces the unreduced model bit
   for bit.
@@ -180,6 +181,18 @@ def _attention_mask(kpm: Tensor, bias: Tensor | None, q_len: int, impl: str, dty
     return torch.where(allowed, bias[:, None, None, :].to(dtype), torch.finfo(dtype).min)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kw_of(layer_cls) -> str:
+    params = inspect.signature(layer_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_kw(layer) -> str:
+    """The decoder layer's name for the KV cache argument: transformers 5.24 renamed ``past_key_values``
+    to ``cache`` (the old name is deprecated, to be removed in 5.40); older 5.x only know the old one."""
+    return _cache_kw_of(type(layer))
+
+
 def _attn_implementation(model) -> str:
     layer = model.model.language_model.layers[0]
     return getattr(layer.self_attn.config, "_attn_implementation", None) or "eager"
@@ -284,6 +297,7 @@ class _Visual:
     sizes: Tensor
     cls: Tensor | None
     log_mask: Tensor | None = None
+    rho: float | Tensor = 0.0      # the reweight in effect (reweight_after): key bias = rho * log(sizes)
 
     def index(self) -> Tensor:
         return self.start[:, None] + torch.arange(self.n, device=self.start.device)
@@ -296,6 +310,17 @@ class _Result:
     image_features: Tensor | None
     orig: Tensor                     # (B, T') original index of every output position
     kept_positions: Tensor | None    # (B, k) position ids of the visual tokens after the last site
+
+
+def reweight_after(rho_in, site_rho):
+    """The reweight in effect after a site: the site's own when it sets one (> 0), else the one in
+    effect before (a prune after a merge does not change what a token stands for, so it keeps being
+    heard as its size). With every site at rho = 1 (ToMe) the bias is log(current size)."""
+    return rho_in if _is_zero(site_rho) else site_rho
+
+
+def _is_zero(v) -> bool:
+    return (not torch.is_tensor(v) or not v.requires_grad) and float(v) == 0.0
 
 
 def _visual_segment(model, special: Tensor, n_expected: int | None) -> tuple[Tensor, int]:
@@ -446,8 +471,8 @@ def _run(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, posi
             if cache is not None:
                 cache.segment_of_layer.append(len(cache.segment_kpm) - 1)
             prev = (seq.kpm, seq.bias, cos, sin)
-            seq.h = layer(seq.h, attention_mask=mask, position_ids=seq.pos, past_key_values=cache,
-                          use_cache=use_cache, position_embeddings=(cos, sin))
+            seq.h = layer(seq.h, attention_mask=mask, position_ids=seq.pos, use_cache=use_cache,
+                          position_embeddings=(cos, sin), **{_cache_kw(layer): cache})
             cap.q.pop(l - 1, None), cap.k.pop(l - 1, None)   # free what is no longer needed
     finally:
         cap.close()
@@ -530,18 +555,19 @@ def _apply_hard(seq: _Seq, vis: _Visual, site, scores, keys) -> tuple[_Seq, _Vis
     j = torch.arange(T - n + k, device=seq.h.device)[None]
     s = vis.start[:, None]
     src = torch.where(j < s, j, torch.where(j < s + k, T + j - s, j - k + n))
-    # reweight: survivors carry earlier sites' key bias plus this site's rho * log(size); text keys get none
+    # reweight (proportional attention): a token that stands for s original tokens is heard as s of them,
+    # so its key bias is rho * log(s) of its *current* size, never a sum over the sites it passed
+    # (docs/DESIGN.md section 2); text keys get none
+    rho = reweight_after(vis.rho, getattr(site, "reweight", 0.0))
     bias = seq.bias
-    if bias is not None or float(getattr(site, "reweight", 0.0) or 0.0) != 0.0:
-        vb = red.bias.gather(1, order).float()
-        if bias is not None:
-            vb = vb + bias.gather(1, vidx).gather(1, ridx)
+    if bias is not None or not _is_zero(rho):
+        vb = rho * torch.log(sizes.clamp_min(1e-12))
         bias = _splice(bias if bias is not None else torch.zeros(B, T, device=seq.h.device), vb, src)
     new = _Seq(h=_splice(seq.h, x_new, src), pos=_splice(seq.pos, red.pos.gather(1, order), src),
                kpm=_splice(seq.kpm, torch.ones(B, k, dtype=torch.bool, device=seq.kpm.device), src),
                orig=_splice(seq.orig, seq.orig.gather(1, vidx).gather(1, ridx), src), bias=bias)
     newvis = _Visual(start=vis.start, n=k, coords=_gather_tokens(red.coords, order).float(), sizes=sizes,
-                     cls=vis.cls.gather(1, ridx) if vis.cls is not None else None)
+                     cls=vis.cls.gather(1, ridx) if vis.cls is not None else None, rho=rho)
     return new, newvis
 
 
@@ -587,8 +613,8 @@ def _decode(model, cache: ReducedCache, h: Tensor, new_kpm: Tensor, position_ids
         masks.append(_attention_mask(cache.segment_kpm[s], cache.segment_bias[s], q, impl, h.dtype))
     cos, sin = lm.rotary_emb(h, position_ids=pos)
     for l, layer in enumerate(lm.layers):
-        h = layer(h, attention_mask=masks[cache.segment_of_layer[l]], position_ids=pos, past_key_values=cache,
-                  use_cache=True, position_embeddings=(cos, sin))
+        h = layer(h, attention_mask=masks[cache.segment_of_layer[l]], position_ids=pos, use_cache=True,
+                  position_embeddings=(cos, sin), **{_cache_kw(layer): cache})
     cache.seen_tokens += q
     return _Result(hidden=lm.norm(h), cache=cache, image_features=None, orig=None, kept_positions=None)
 

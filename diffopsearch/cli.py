@@ -12,6 +12,11 @@ refused: unknown option, wrong type, unknown key), printed as one paragraph with
 In a sweep (``-m``) a failing job does not stop the others: it writes ``error.json`` into its job
 directory, the sweep goes on, and a summary at the end names the failed jobs (exit code 1, or 2
 when every failure was bad input).
+
+What the terminal shows (console.py): a command that loads models or data keeps the libraries'
+progress bars and log records below ERROR off the terminal (they stay in the run's log file;
+``hydra.verbose=true`` keeps them on), and every command ends with a block naming the files it
+wrote and the next command (rank 0 only); a sweep ends with the report command for its directory.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -28,6 +34,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # registers the structured-config schemas
+from .console import quote_override_value as _quote_override_value
 from .errors import Interrupted, UserError
 
 log = logging.getLogger("diffopsearch")
@@ -83,6 +90,7 @@ class _Failure:
 class _RunState:
     entered: bool = False  # the task function started: later exits are not config errors
     failures: list = field(default_factory=list)
+    sweep_dir: Optional[str] = None  # set when a sweep starts (-m), for the report hint at its end
 
 
 _STATE = _RunState()
@@ -123,11 +131,6 @@ def _body(command: str) -> Callable[[DictConfig], Any]:
 
 
 # --------------------------------------------------------------------------- accelerate relaunch
-
-
-def _quote_override_value(value: str) -> str:
-    """Quote a value for Hydra's override grammar (paths may hold characters it would parse)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def accelerate_argv(command: str, overrides: list, run_dir: str, num_processes: int,
@@ -207,14 +210,38 @@ def _record_failure(command: str, err: Exception, user: bool) -> None:
     _STATE.failures.append(_Failure(job_dir, overrides, str(err), user))
 
 
+# The commands that load models or data: their libraries' progress bars and logging are quieted.
+_LOADS_MODELS = ("search", "eval", "prepare")
+
+
+def _hydra_verbose() -> bool:
+    """``hydra.verbose=true`` (or a logger name): the user asked for everything, libraries included."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and bool(HydraConfig.get().verbose)
+
+
+def _prints_closing_block(environ=os.environ) -> bool:
+    """Rank 0 only; and not the workers of our own accelerate relaunch, whose parent prints it."""
+    from .console import is_main_process
+
+    return is_main_process(environ) and not environ.get("DIFFOPSEARCH_LAUNCHED")
+
+
 def _run_task(command: str, cfg: DictConfig) -> Any:
+    from . import console
+
     _STATE.entered = True
-    multirun = _hydra_runtime()[0]
+    multirun, run_dir, overrides = _hydra_runtime()
+    start = time.monotonic()
     try:
         _config.validate(cfg)
+        if command in _LOADS_MODELS and not _hydra_verbose():
+            console.quiet_libraries()
         if _should_relaunch(cfg):
-            return _relaunch_under_accelerate(command, cfg)
-        return _body(command)(cfg)
+            result = _relaunch_under_accelerate(command, cfg)
+        else:
+            result = _body(command)(cfg)
     except UserError as err:
         if multirun:
             _record_failure(command, err, user=True)
@@ -232,6 +259,9 @@ def _run_task(command: str, cfg: DictConfig) -> Any:
             _record_failure(command, err, user=False)
             return None
         raise  # a bug: Hydra prints the stack and exits 1
+    if _prints_closing_block():
+        console.closing_block(command, cfg, result, run_dir, time.monotonic() - start, multirun, overrides)
+    return result
 
 
 def interrupted_message(command: str, err: BaseException) -> str:
@@ -251,7 +281,7 @@ def interrupted_message(command: str, err: BaseException) -> str:
 class OutputDirCheck(Callback):
     """Hydra callback (conf/search.yaml, conf/eval.yaml): the run (or sweep) directory must be
     writable, checked before Hydra creates it, so a bad ``hydra.run.dir`` is bad input (exit 2, one
-    line) rather than a stack from Hydra's own mkdir."""
+    line) rather than a stack from Hydra's own mkdir. It also remembers the sweep directory."""
 
     def _check(self, config: DictConfig, key: str) -> None:
         from .io import check_writable_dir
@@ -271,6 +301,9 @@ class OutputDirCheck(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "hydra.sweep.dir")
+        # Here, in the process that runs the sweep whatever the launcher (SLURM jobs run elsewhere):
+        # the sweep's end names this directory in its report hint.
+        _STATE.sweep_dir = OmegaConf.select(config, "hydra.sweep.dir")
 
 
 # Plain module-level functions (not the decorated ones) are what Hydra hands to its launchers,
@@ -354,7 +387,7 @@ def main(argv: Optional[list] = None) -> int:
                          f"{', '.join(COMMANDS)}. Run `diffopsearch --help`.\n")
         return 2
 
-    _STATE.entered, _STATE.failures = False, []
+    _STATE.entered, _STATE.failures, _STATE.sweep_dir = False, [], None
     saved_argv = sys.argv
     # Hydra parses sys.argv itself; its usage lines then read `diffopsearch <command> ...`.
     sys.argv = [f"diffopsearch {command}", *argv[1:]]
@@ -384,6 +417,10 @@ def main(argv: Optional[list] = None) -> int:
         code = UserError.exit_code
     finally:
         sys.argv = saved_argv
+    if code == 0 and _STATE.sweep_dir and _prints_closing_block():
+        from .console import sweep_block
+
+        sweep_block(command, _STATE.sweep_dir)
     if code == 0 and _STATE.failures:
         code = _summarize_failures(command)
     return code

@@ -32,8 +32,7 @@ DATASET_NAMES = ("toy", "gqa", "vqav2")
 METRICS = ("gqa", "vqa")
 VQA_MODES = ("official", "lmms")
 PLAN_NAMES = ("none", "fastv", "tome", "pool", "prumerge", "visionzip", "random")
-OPERATORS = ("continuous", "mixture")
-DEFAULT_LADDER = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+SEARCH_LOSSES = ("kl", "ce")
 
 
 @dataclass
@@ -72,30 +71,31 @@ class PlanConfig:
 
 @dataclass
 class SearchConfig:
-    operator: str = "continuous"  # continuous knobs | mixture over named regimes
-    steps: int = 80
-    lr: float = 0.2
-    batch_size: int = 8
-    candidate_layers: Optional[List[int]] = None  # null = every layer the backbone allows
-    ladder: List[float] = field(default_factory=lambda: list(DEFAULT_LADDER))
-    tau_start: float = 1.0
-    tau_end: float = 0.3
-    warmup_steps: int = 10
-    lambda_init: float = 1.0
-    dual_lr: float = 0.5
-    kl_weight: float = 0.0
-    checkpoint_every: int = 50
+    """The search (search/loop.py; docs/DESIGN.md section 3). Defaults sized for the toy backbone on 2 CPU
+    cores (the 3-minute default command); ``search=thorough`` is the longer preset for GPUs."""
+
+    steps: int = 40
+    batch_size: int = 8  # questions per step, shared by the step's plans
+    plans_per_step: int = 8  # hard plans drawn from the policy per step (leave-one-out baseline)
+    knob_plans: int = 2  # the step's best plans whose loss is backpropagated into the knobs
+    lr: float = 0.1  # policy logits (Adam)
+    knob_lr: float = 0.05  # continuous knobs, in units of their scale
+    entropy: float = 0.01  # entropy bonus on the policy
+    loss: str = "kl"  # kl: to the unreduced model's answer distribution | ce: answer cross-entropy
+    learn_knobs: bool = True  # false: the named regimes' exact knobs throughout
+    two_sites: bool = True  # plans of one or two sites (false: one)
+    candidate_layers: Optional[List[int]] = None  # null = every decoder layer
+    micro_batch: int = 0  # questions per forward inside a step (0 = the whole batch); memory, not results
+    checkpoint_layers: Optional[bool] = None  # activation checkpointing; null = where it pays (loop.auto_checkpoint)
+    checkpoint_every: int = 20
     eval_baselines: bool = False
     train_limit: Optional[int] = None
-    fill: bool = True  # a discretized plan under budget spends what is left (search/discretize.py)
-    straight_through: bool = True  # the forward runs the sampled one-hot architecture (search/loop.py)
-    anneal_cost: bool = True  # E[cost] under softmax(logits / tau): at low tau, the argmax plan's cost
-    grad_clip: float = 10.0  # max L2 norm of the architecture-state gradient per step (0 = no clipping; search/loop.py)
-    select_samples: int = 6  # plans sampled from the learned distributions besides the argmax (search/select.py)
-    select_questions: int = 384  # held-out search-split questions that choose among them (0 = argmax only)
+    grad_clip: float = 10.0  # max L2 norm of the architecture-state gradient per step (0 = no clipping)
+    select_samples: int = 4  # the policy's next most probable plans, scored beside its own (search/select.py)
+    select_questions: int = 384  # held-out search-split questions that choose (0 = the policy's plan only)
     select_corners: bool = True  # the space's single-site corners are candidates too (search/select.py)
-    screen_questions: Optional[int] = 64  # candidates besides the argmax are screened on this many first; null = off
-    select_finalists: int = 2  # the screen's best that are scored on all select_questions, with the argmax
+    screen_questions: Optional[int] = 64  # candidates besides the policy's plan are screened on this many first
+    select_finalists: int = 2  # the screen's best that are scored on all select_questions, with the policy's plan
 
 
 @dataclass
@@ -237,34 +237,27 @@ def validate(cfg: DictConfig) -> None:
         _at_least("launch.num_processes", cfg.launch.num_processes, 1, allow_none=True)
     if "search" in cfg:
         s = cfg.search
-        _choice("search.operator", s.operator, OPERATORS)
+        _choice("search.loss", s.loss, SEARCH_LOSSES)
         _at_least("search.steps", s.steps, 1)
         _at_least("search.batch_size", s.batch_size, 1)
-        _at_least("search.warmup_steps", s.warmup_steps, 0)
+        _at_least("search.plans_per_step", s.plans_per_step, 2)
+        _at_least("search.micro_batch", s.micro_batch, 0)
+        _at_least("search.knob_plans", s.knob_plans, 1)
         _at_least("search.checkpoint_every", s.checkpoint_every, 1)
         _at_least("search.train_limit", s.train_limit, 1, allow_none=True)
         _at_least("search.select_samples", s.select_samples, 0)
         _at_least("search.select_questions", s.select_questions, 0)
         _at_least("search.screen_questions", s.screen_questions, 1, allow_none=True)
         _at_least("search.select_finalists", s.select_finalists, 1)
-        if not (math.isfinite(s.lr) and s.lr > 0):
-            raise UserError(f"search.lr={s.lr!r} is not valid: the learning rate must be > 0.")
-        if not (0 < s.tau_end <= s.tau_start):
-            raise UserError(f"search.tau_start={s.tau_start!r}, search.tau_end={s.tau_end!r} are not valid: "
-                            "the temperature anneals from tau_start down to tau_end, 0 < tau_end <= tau_start.")
-        ladder = list(s.ladder)
-        if not ladder or any(not (0 < k <= 1) for k in ladder) or len(set(ladder)) != len(ladder):
-            raise UserError(f"search.ladder={ladder!r} is not valid: it must list distinct keep fractions "
-                            "in (0, 1], e.g. [1.0, 0.9, ..., 0.1].")
-        if 1.0 not in ladder:
-            raise UserError(f"search.ladder={ladder!r} is not valid: it must contain 1.0 "
-                            "(the 'no reduction here' choice).")
+        for key in ("lr", "knob_lr"):
+            if not (math.isfinite(s[key]) and s[key] > 0):
+                raise UserError(f"search.{key}={s[key]!r} is not valid: a learning rate must be a finite number > 0.")
         if s.candidate_layers is not None:
             layers = list(s.candidate_layers)
             if not layers or any(layer < 0 for layer in layers):
                 raise UserError(f"search.candidate_layers={layers!r} is not valid: a non-empty list of decoder "
                                 "layer indices >= 0, or null for every layer.")
-        for key in ("lambda_init", "dual_lr", "kl_weight", "grad_clip"):
+        for key in ("entropy", "grad_clip"):
             if not (math.isfinite(s[key]) and s[key] >= 0):
                 raise UserError(f"search.{key}={s[key]!r} is not valid: it must be a finite number >= 0.")
     if "report" in cfg:

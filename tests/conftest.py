@@ -1,4 +1,4 @@
-"""Shared test set-up: no test ever reaches a model or dataset hub."""
+"""Shared test set-up: no test ever reaches a model or dataset hub; parallel workers share the CPUs."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,14 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 # Also at import time: huggingface_hub and datasets read these when they are first imported,
 # which can happen while test modules are collected, before any fixture runs.
 os.environ.update(OFFLINE_ENV)
+
+# Under pytest-xdist (`-n N`, as CI runs the suite) each worker would otherwise start one torch thread per
+# core, N x cores threads on the machine's cores. Give each worker its share, before torch is imported
+# (conftest is imported before any test module); subprocesses the tests start inherit it. An explicit
+# OMP_NUM_THREADS is kept.
+_WORKERS = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+if _WORKERS and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, int(_WORKERS))))
 
 
 @pytest.fixture(scope="session", autouse=True)

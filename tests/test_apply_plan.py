@@ -144,9 +144,24 @@ def test_bad_plans_and_options_are_clear_errors(tmp_path):
             r.generate(**inputs, **bad)
     with pytest.raises(UserError, match="output_attentions"):
         r(**inputs, output_attentions=True)
-    m.model.language_model.layers[0].self_attn.config._attn_implementation = "flex_attention"
-    with pytest.raises(UserError, match="attn_implementation"):
-        diffopsearch.apply_plan(m, plan_for(m))
+    # unsupported attention implementations: test_unsupported_attention_is_refused_before_anything_runs
+
+
+@pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])
+def test_unsupported_attention_is_refused_before_anything_runs(impl):
+    """The reduced forward runs its own attention masks and key biases for sdpa and eager only; a model
+    loaded with flash_attention_2 (accepted by the config, `model.attn_implementation`) or flex_attention
+    is refused by apply_plan with a message naming it, not run with wrong masks. Set on the decoder's
+    config as from_pretrained(attn_implementation=...) sets it (flash-attn itself is not installed here)."""
+    from diffopsearch.config import ATTN_IMPLEMENTATIONS
+
+    assert (impl in ATTN_IMPLEMENTATIONS) == (impl == "flash_attention_2")  # README: "accepted in the config"
+    m = tiny()
+    m.config.text_config._attn_implementation = impl
+    assert m.model.language_model.layers[0].self_attn.config._attn_implementation == impl
+    for plan in (plan_for(m), plan_for(m, [Site(layer=1, keep=12)])):
+        with pytest.raises(UserError, match=f"attn_implementation '{impl}' is not supported.*'sdpa'.*'eager'"):
+            diffopsearch.apply_plan(m, plan)
 
 
 def test_import_is_cheap():

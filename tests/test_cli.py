@@ -25,7 +25,7 @@ REPO = Path(diffopsearch.__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch, tmp_path):
-    for key in ("HYDRA_FULL_ERROR", "DIFFOPSEARCH_TRACEBACK", "DIFFOPSEARCH_LAUNCHED", "LOCAL_RANK",
+    for key in ("HYDRA_FULL_ERROR", "DIFFOPSEARCH_TRACEBACK", "DIFFOPSEARCH_LAUNCHED", "LOCAL_RANK", "RANK",
                 "TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)  # Hydra's outputs/ and multirun/ land in the test's own folder
@@ -111,7 +111,7 @@ def test_task_functions_are_importable_by_name_for_launchers():
 # --------------------------------------------------------------------------- running
 
 
-@pytest.mark.parametrize("command,extra", [("search", ["budget=0.4", "search=mixture"]), ("eval", ["plan=fastv"])])
+@pytest.mark.parametrize("command,extra", [("search", ["budget=0.4", "search=thorough"]), ("eval", ["plan=fastv"])])
 def test_run_calls_the_body_with_the_config_in_hydra_run_dir(capsys, bodies, tmp_path, command, extra):
     out_dir = tmp_path / "run"
     code, _, err = run_cli(capsys, command, *extra, f"hydra.run.dir={out_dir}")
@@ -119,7 +119,7 @@ def test_run_calls_the_body_with_the_config_in_hydra_run_dir(capsys, bodies, tmp
     ((called, cfg),) = bodies.calls
     assert called == command
     if command == "search":
-        assert cfg.budget == 0.4 and cfg.search.operator == "mixture"
+        assert cfg.budget == 0.4 and cfg.search.steps == 150
     else:
         assert cfg.plan.name == "fastv" and cfg.budget == 1.0
     assert json.loads((out_dir / "results.json").read_text())["command"] == command

@@ -77,12 +77,24 @@ def test_same_folder_name_never_shares_a_stale_cache(tmp_path):
     # datasets 5 keys the cache of a local folder by its base name: two worlds both called "w" collide.
     from diffopsearch.data import world
 
+    def written(seed, n):  # (id, question, answer) of what write_world wrote
+        return [(r["id"], r["question"], r["answer"]) for r in world.generate_split("test", n, seed)[1]]
+
+    def loaded(ds):
+        return [(r["id"], r["question"], r["answer"]) for r in ds.records(range(len(ds)))]
+
     world.write_world(tmp_path / "a" / "w", seed=0, sizes={"test": 2})
     world.write_world(tmp_path / "b" / "w", seed=1, sizes={"test": 5})
+    world.write_world(tmp_path / "c" / "w", seed=1, sizes={"test": 2})  # same name and size as a/w
     a = load_qa("toy", str(tmp_path / "a" / "w"), split="test")
     b = load_qa("toy", str(tmp_path / "b" / "w"), split="test")
-    assert len(a.images) == 2 and len(b.images) == 5
-    assert a.ids != b.ids[: len(a.ids)] or len(a) != len(b)
+    c = load_qa("toy", str(tmp_path / "c" / "w"), split="test")
+    assert len(a.images) == 2 and len(b.images) == 5 and len(c.images) == 2
+    assert written(0, 2) != written(1, 2)  # the two same-sized worlds really differ
+    assert loaded(a) == written(0, 2) and loaded(b) == written(1, 5) and loaded(c) == written(1, 2)
+    # a world regenerated in place (same folder, same size, other seed) is read afresh too
+    world.write_world(tmp_path / "a" / "w", seed=2, sizes={"test": 2})
+    assert loaded(load_qa("toy", str(tmp_path / "a" / "w"), split="test")) == written(2, 2) != written(0, 2)
 
 
 def test_split_slice_applies_to_questions_only(tmp_path):

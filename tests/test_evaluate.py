@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ import fixtures as fx  # tests/fixtures.py (pytest puts tests/ on sys.path)
 from diffopsearch import evaluate as ev
 from diffopsearch.data.datasets import load_qa
 from diffopsearch.errors import UserError
-from diffopsearch.metrics import vqa_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,10 +33,52 @@ def _answers(run_dir: Path) -> dict:
     return out
 
 
-def test_results_json_has_the_promised_fields(tmp_path, tiny):
+class _Clock:
+    """A perf_counter that only moves when told to: evaluate's timing arithmetic becomes exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def _timed(monkeypatch, prefill_seconds: list[float], generate_seconds: float) -> _Clock:
+    """Real prefill and generation, each followed by a known step of evaluate's clock: the i-th prefill
+    call takes prefill_seconds[i], every generate_answers call generate_seconds."""
+    clock, calls = _Clock(), iter(prefill_seconds)
+    real_prefill, real_generate = ev.prefill, ev.generate_answers
+
+    def prefill(reduced, inputs):
+        real_prefill(reduced, inputs)
+        clock.now += next(calls)
+
+    def generate(reduced, processor, inputs, max_new_tokens):
+        out = real_generate(reduced, processor, inputs, max_new_tokens)
+        clock.now += generate_seconds
+        return out
+
+    monkeypatch.setattr(ev, "time", clock)  # evaluate.py's own `time` module reference only
+    monkeypatch.setattr(ev, "prefill", prefill)
+    monkeypatch.setattr(ev, "generate_answers", generate)
+    return clock
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def test_results_json_has_the_promised_fields(tmp_path, tiny, monkeypatch):
     model, proc = tiny
     ds = load_qa("gqa", str(fx.write_gqa(tmp_path / "GQA", n_images=3, per_image=2, broken=("n1001",))))
+    # the warm-up prefill (untimed) takes 1 s, the two timed batches of 2 questions 10 ms and 30 ms,
+    # each of the 2 generation steps with questions 0.25 s
+    _timed(monkeypatch, [1.0, 0.010, 0.030], 0.25)
+    rss_before = _rss_mb()
     r = ev.evaluate(model, proc, None, ds, batch_size=2, max_new_tokens=3, out_dir=tmp_path / "run", show=False)
+    rss_after = _rss_mb()
     on_disk = json.loads((tmp_path / "run" / ev.RESULTS_NAME).read_text())
     assert on_disk == json.loads(json.dumps(r))
     assert r["n"] == 4 and r["n_questions"] == 6 and 0.0 <= r["accuracy"] <= 1.0
@@ -49,10 +89,14 @@ def test_results_json_has_the_promised_fields(tmp_path, tiny):
     assert r["visual_tokens"]["llm_input"] == 144 and r["visual_tokens"]["per_layer"] == [144, 144]
     assert r["visual_tokens"]["avg"] == 144.0 and r["mean_text_tokens"] > 5
     lat = r["latency"]
-    assert lat["prefill_ms_per_batch"] > 0 and 0 < lat["prefill_ms_per_sample"] <= lat["prefill_ms_per_batch"]
     assert lat["batch_size"] == 2 and lat["batches_timed"] == 2  # 4 good questions in batches of 2
-    assert r["throughput"]["samples_per_s"] > 0 and r["throughput"]["generated"] == 4
-    assert r["peak_memory_mb"] > 10 and r["peak_memory_kind"] == "process_peak_rss"
+    # the median of the timed batches (the warm-up is not among them), and per sample: batch time / 2
+    assert lat["prefill_ms_per_batch"] == pytest.approx(20.0) and lat["prefill_ms_per_sample"] == pytest.approx(10.0)
+    assert lat["warmup_batches"] == 1 and lat["device"] == "cpu"
+    # 4 answers generated in 2 x 0.25 s (the step whose two images are broken generates nothing)
+    assert r["throughput"] == {"samples_per_s": pytest.approx(8.0), "generated": 4, "cached": 0, "processes": 1}
+    # the process's peak RSS in MB: at least what it was before the run, at most what it is after it
+    assert r["peak_memory_kind"] == "process_peak_rss" and rss_before <= r["peak_memory_mb"] <= rss_after
     assert (r["dataset"], r["split"], r["metric"]) == ("gqa", "testdev", "gqa")
     assert len(_answers(tmp_path / "run")) == 4
 
@@ -137,42 +181,68 @@ def test_gqa_scoring_and_per_type(tmp_path, tiny, monkeypatch):
     assert r["latency"]["batches_timed"] == 0 and r["latency"]["prefill_ms_per_batch"] is None
 
 
+# One prediction per question of fx.VQA_CASES, and its VQA accuracy worked out by hand: each of the 10
+# annotators scores min(1, (matches among the other 9) / 3), averaged. The two modes agree on these.
+VQA_PREDICTIONS = (
+    ("Yes.", 1.0),      # yes x10: "Yes." normalises to "yes"; every annotator sees 9 matches
+    ("two", 1.0),       # 2 x7, two x2, 3: "two" -> "2"; every annotator sees >= 6 "2"s
+    ("dark red", 0.9),  # red x4, dark red x3, maroon x3: the 3 "dark red"s see 2 (2/3), the 7 others 3 (1)
+    ("yes", 0.3),       # no x9, yes: the "yes" annotator sees none, the 9 others one (1/3): 9 / 3 / 10
+    ("desk", 1.0),      # table x2, desk x8: everyone sees >= 7 "desk"s
+    ("one", 1.0),       # 1 x10: "one" -> "1"
+)
+
+
 @pytest.mark.parametrize("mode", ["official", "lmms"])
 def test_vqav2_scoring(tmp_path, tiny, monkeypatch, mode):
     model, proc = tiny
     ds = load_qa("vqav2", str(fx.write_vqav2(tmp_path / "VQAv2", n=6)))
-    _stub_answers(monkeypatch, lambda r: "two")
+    _stub_answers(monkeypatch, lambda r: VQA_PREDICTIONS[int(r["id"]) - 262148000][0])
     r = ev.evaluate(model, proc, None, ds, batch_size=4, out_dir=tmp_path / "run", show=False, vqa_mode=mode,
                     latency_batches=0)
-    expected = [vqa_accuracy("two", answers, mode) for _, answers in fx.VQA_CASES]
-    assert r["n"] == 6 and r["accuracy"] == pytest.approx(sum(expected) / 6) and r["accuracy"] > 0
-    assert r["metric"] == f"vqa/{mode}" and set(r["per_type"]) == {"yes/no", "number", "other"}
-    assert r["per_type"]["number"]["accuracy"] == pytest.approx((expected[1] + expected[5]) / 2)
+    assert r["n"] == 6 and r["accuracy"] == pytest.approx(5.2 / 6)
+    assert r["metric"] == f"vqa/{mode}"
+    assert r["per_type"] == {"yes/no": {"accuracy": pytest.approx(0.65), "n": 2},     # (1.0 + 0.3) / 2
+                             "number": {"accuracy": pytest.approx(1.0), "n": 2},
+                             "other": {"accuracy": pytest.approx(0.95), "n": 2}}      # (0.9 + 1.0) / 2
 
 
-class _FakePlan:
-    sites: list = []
-
-    def to_dict(self):
-        return {"format": "diffopsearch.plan/1", "method": "fake", "sites": [], "budget": 1.0}
+def _layer_flops(n: float) -> float:
+    """One decoder layer of fx.TINY_TEXT (d 64, MLP 128, 4 heads of 16, 2 kv heads) on n tokens, by hand in
+    cost.py's convention (2 FLOPs per multiply-add, matmuls only, causal attention pairs n (n + 1) / 2):
+    q, o 2 n 64 64 each, k, v 2 n 64 32 each, MLP 3 x 2 n 64 128, scores and AV 2 x 2 pairs 64."""
+    return 2 * n * 64 * (64 + 64 + 32 + 32) + 3 * 2 * n * 64 * 128 + 2 * 2 * (n * (n + 1) / 2) * 64
 
 
 def test_a_plan_goes_through_apply_plan_and_has_its_own_cache_key(tmp_path, tiny, monkeypatch):
+    from diffopsearch.data.datasets import make_eval_batch
+    from diffopsearch.patch import llava as P
+    from diffopsearch.plan import Plan, Site, backbone_info
+
     model, proc = tiny
     applied = []
-    fake = types.ModuleType("diffopsearch.patch.llava")
-    fake.apply_plan = lambda m, p: applied.append(p) or m
-    monkeypatch.setitem(sys.modules, "diffopsearch.patch.llava", fake)
-    monkeypatch.setattr(ev, "plan_cost", lambda model, plan, n_visual, n_text: {
-        "flops_ratio": 0.5, "visual_tokens_per_layer": [96, 72], "avg_visual_tokens": 84.0})
-    ds = load_qa("gqa", str(fx.write_gqa(tmp_path / "GQA", n_images=2, per_image=1)))
+    real_apply = P.apply_plan
+    monkeypatch.setattr(P, "apply_plan", lambda m, p: applied.append(p) or real_apply(m, p))
+    ds = load_qa("gqa", str(fx.write_gqa(tmp_path / "GQA", n_images=3, per_image=1)))
+    # 144 -> 64 visual tokens at the LLM input (norm), -> 16 before layer 1 (FastV's attention score)
+    plan = Plan(sites=[Site(layer=0, keep=64, score="norm"), Site(layer=1, keep=16, score="attn")],
+                backbone=backbone_info(model.config), budget=0.5, method="two-site")
+    # what the plan answers, straight from the reduced model (no evaluate in between)
+    recs, imgs = ds.batch(range(len(ds)))
+    direct = ev.generate_answers(real_apply(model, plan), proc, make_eval_batch(proc, recs, imgs), 2)
+    want = {rec["id"]: a for rec, a in zip(recs, direct)}
     calls = _counting(monkeypatch)
     ev.evaluate(model, proc, None, ds, batch_size=2, max_new_tokens=2, out_dir=tmp_path / "run", show=False)
-    plan = _FakePlan()
+    unreduced = _answers(tmp_path / "run")
     r = ev.evaluate(model, proc, plan, ds, batch_size=2, max_new_tokens=2, out_dir=tmp_path / "run", show=False)
-    assert applied == [plan] and sum(calls) == 4  # the plan's answers are not the unreduced model's
-    assert r["plan"]["method"] == "fake" and r["flops_ratio"] == 0.5
-    assert r["visual_tokens"] == {"image": 144, "llm_input": 96, "per_layer": [96, 72], "avg": 84.0, "grid": [12, 12]}
+    assert applied == [plan] and sum(calls) == 6  # the plan's answers are generated, not read from the cache
+    assert _answers(tmp_path / "run") == want and want != unreduced  # the plan's own (different) answers
+    assert r["plan"] == plan.to_dict() and r["plan"]["method"] == "two-site"
+    assert r["visual_tokens"] == {"image": 144, "llm_input": 64, "per_layer": [64, 16], "avg": 40.0, "grid": [12, 12]}
+    n = r["mean_text_tokens"]
+    attn_score = 2 * 64 * 64 + 2 * 64 * (n + 64)  # q of the last token, its dot products with the n + 64 keys
+    expected = (_layer_flops(n + 64) + _layer_flops(n + 16) + attn_score) / (2 * _layer_flops(n + 144))
+    assert r["flops_ratio"] == pytest.approx(expected, rel=1e-12) and 0.2 < expected < 0.5
     keys = {json.loads(line)["key"] for line in open(tmp_path / "run" / ev.CACHE_NAME)}
     assert len(keys) == 2
 

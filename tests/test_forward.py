@@ -1,4 +1,4 @@
-"""The reduced LLaVA forward (patch/llava.py): hard sites, scores, cached decoding, soft sites, FLOPs.
+"""The reduced LLaVA forward (patch/llava.py): hard sites, scores, cached decoding, the search's forward, FLOPs.
 
 Every test runs a tiny random LLaVA of the real classes (CLIP 96 px / patch 16 = 6 x 6 = 36 visual
 tokens, a 4-layer GQA Llama) on a left-padded batch, so per-sample offsets differ.
@@ -196,6 +196,81 @@ def test_decoding_on_reduced_cache_equals_recomputing(knobs):
     torch.testing.assert_close(step, ref, atol=1e-5, rtol=1e-5)
 
 
+def _recompute_greedy(r, inputs, steps):
+    """Greedy decoding by re-running the whole reduced prefill at every step, with the reduction decided
+    as at generation's prefill: ``query_index`` = the last prompt token (left padding: T - 1 in every
+    row), so an attention-scored site ranks by the prompt's end, not by the newest generated token."""
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    q = torch.full((ids.shape[0],), ids.shape[1] - 1)
+    for _ in range(steps):
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+        logits = r(input_ids=ids, attention_mask=am, pixel_values=inputs["pixel_values"], position_ids=pos,
+                   use_cache=False, query_index=q).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+        am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+    return ids
+
+
+def _stop_at(ids, T, eos, pad):
+    """What generate returns for greedy tokens ``ids`` (prompt of length T) with ``eos``: a row's tokens after
+    its first eos become pad, and decoding stops once every row has finished."""
+    out = ids.clone()
+    for b in range(out.shape[0]):
+        hits = (out[b, T:] == eos).nonzero()
+        if len(hits):
+            out[b, T + int(hits[0]) + 1:] = pad
+    finished = [T + int((row[T:] == eos).nonzero()[0]) + 1 if bool((row[T:] == eos).any()) else row.shape[0]
+                for row in ids]
+    return out[:, :max(finished)]
+
+
+KV_PLANS = {
+    # FastV: scored by layer 1's attention of the last prompt token
+    "attn": [site(2, 10, "attn")],
+    # two attention-scored sites: the cache is three lengths long (T, T - 18, T - 30)
+    "stacked": [site(1, 18, "attn"), site(3, 6, "attn")],
+    # merges with a soft assignment, reweighted keys (rho * log size as a key bias in every later layer,
+    # carried into decoding), stacked, the second one local
+    "merge+reweight": [site(1, 18, "attn", merge=1.0, sharpness=4.0, reweight=1.0),
+                       site(3, 8, "cls", merge=0.5, locality=1.0, reweight=0.5)],
+    # ToMe: one bipartite merge before every layer, sizes carried, proportional attention
+    "tome": [site(layer, keep, "none", anchors="bipartite", merge=1.0, reweight=1.0)
+             for layer, keep in ((0, 30), (1, 24), (2, 18), (3, 12))],
+    # 2 x 2 pooling at the LLM input
+    "pool": [site(0, 9, "none", anchors="grid", merge=1.0, locality=float("inf"))],
+}
+
+
+@pytest.mark.parametrize("name", list(KV_PLANS))
+def test_generate_on_the_reduced_cache_equals_recomputing_with_eos_in_the_batch(name):
+    """For every kind of site: greedy generation on the reduced KV cache gives exactly the tokens of
+    recomputing the reduced prefill at every step; with an eos that one row emits mid-way, that row stops
+    and is padded while the others decode on (the batch's cache rows stay independent)."""
+    m = tiny()
+    inputs, pos = batch(m)
+    plan = Plan(sites=KV_PLANS[name], backbone=backbone_info(m.config))
+    r = P.apply_plan(m, plan)
+    T, steps, pad = inputs["input_ids"].shape[1], 6, m.config.pad_token_id
+    with torch.no_grad():
+        # the prefill's cache really is shorter, layer by layer, by what the plan removed before that layer
+        cache = r(**inputs, position_ids=pos, use_cache=True).past_key_values
+        assert [layer.keys.shape[-2] for layer in cache.layers] == [T - (N_VIS - v) for v in
+                                                                    plan.visual_tokens_per_layer()]
+        ref = _recompute_greedy(r, inputs, steps)
+        # no eos at all: every row decodes all steps
+        gen = r.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None)
+        assert torch.equal(gen, ref), (gen[:, T:], ref[:, T:])
+        # an eos from the batch's own output: a token one row emits at step 1..steps-2 and some other row never does
+        new = ref[:, T:]
+        eos = next((int(new[b, k]) for k in range(1, steps - 1) for b in range(len(new))
+                    if any(int(new[b, k]) not in new[o].tolist() for o in range(len(new)) if o != b)), None)
+        assert eos is not None and eos != pad, new
+        want = _stop_at(ref, T, eos, pad)
+        gen = r.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    assert torch.equal(gen, want), (eos, gen[:, T:], want[:, T:])
+    assert (gen[:, T:] == pad).any() and (gen[:, -1] != pad).any()  # a row stopped early, another ran on
+
+
 def test_reweight_takes_effect_and_sdpa_equals_eager():
     """rho * log(size) is a real key bias (logits change), taken identically by SDPA and eager."""
     inputs, pos = batch(tiny())
@@ -256,83 +331,67 @@ def test_bad_visual_segment_is_a_clear_error():
         r(**{**inputs, "input_ids": ids})
 
 
-# ------------------------------------------------------------------------------------------ soft sites
+# ------------------------------------------------------------------------------------------ the search's forward
 
-class FastVSoft:
-    """A FastV-like soft site: keep the top-k by attn score, log-mask the rest."""
+def knob_site(layer, keep, score="attn", **knobs):
+    """A site whose knobs are tensors that require grad (what the search runs)."""
+    from diffopsearch.search.space import SearchSite
 
-    def __init__(self, layer, keep, drop_value=-1e4):
-        self.layer, self.keep, self.drop = layer, keep, drop_value
-
-    def __call__(self, ctx):
-        top = ctx.scores["attn"].topk(self.keep, dim=1).indices
-        keep = torch.zeros_like(ctx.scores["attn"], dtype=torch.bool).scatter(1, top, True)
-        log_mask = torch.where(keep, 0.0, self.drop)
-        return P.SoftOut(x=ctx.x, bias=log_mask, log_mask=log_mask)
+    fields = dict(anchors="topk", merge=0.0, sharpness=0.0, locality=0.0, reweight=0.0)
+    fields.update(knobs)
+    return SearchSite(layer=layer, keep=keep, score=score,
+                      **{k: (torch.tensor(float(v), requires_grad=True) if k != "anchors" else v)
+                         for k, v in fields.items()})
 
 
-class Identity:
-    def __init__(self, layer):
-        self.layer, self.seen = layer, None
-
-    def __call__(self, ctx):
-        self.seen = ctx
-        return P.SoftOut(x=ctx.x, bias=torch.zeros_like(ctx.log_mask))
-
-
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_soft_identity_is_the_unreduced_model(impl):
-    m = tiny(impl)
-    inputs, pos = batch(m)
-    sites = [Identity(0), Identity(2)]
-    with torch.no_grad():
-        soft = P.soft_forward(m, **inputs, sites=sites, position_ids=pos)
-        ref = m(**inputs, position_ids=pos).logits
-    ok = real(inputs, ref.shape[1])
-    torch.testing.assert_close(soft[ok], ref[ok], atol=1e-5, rtol=1e-5)
-    ctx = sites[1].seen
-    B = inputs["input_ids"].shape[0]
-    assert ctx.x.shape == (B, N_VIS, 64) and ctx.keys.shape == (B, N_VIS, 16)
-    assert set(ctx.scores) == {"attn", "cls", "norm"} and set(sites[0].seen.scores) == {"cls", "norm"}
-    assert sites[0].seen.keys.shape == (B, N_VIS, 64)
-    assert torch.equal(ctx.coords[0, 7], torch.tensor([1.0, 1.0]))
-    is_vis = inputs["input_ids"] == m.config.image_token_id
-    assert torch.equal(ctx.pos, pos[is_vis].view(B, N_VIS))
-
-
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_soft_log_mask_equals_hard_prune(impl):
-    m = tiny(impl)
-    inputs, pos = batch(m)
-    with torch.no_grad():
-        soft = P.soft_forward(m, **inputs, sites=[FastVSoft(2, 10), FastVSoft(3, 4)], position_ids=pos)[:, -1]
-        hard = reduced(m, [site(2, 10, "attn"), site(3, 4, "attn")])(**inputs, position_ids=pos).logits[:, -1]
-    torch.testing.assert_close(soft, hard, atol=1e-4, rtol=1e-4)
-
-
-def test_soft_reduce_at_zero_temperature_equals_hard_plan():
-    """End to end with the real operator: soft_reduce (one-hot ladder, tau = 0) inside the soft forward
-    gives the hard plan's last-position logits (merge, sharpness and reweight included)."""
-    from diffopsearch.operators.reduce import soft_reduce
-
-    class Relaxed:
-        def __init__(self, layer, keep, **knobs):
-            self.layer, self.keep, self.knobs = layer, keep, knobs
-
-        def __call__(self, ctx):
-            out = soft_reduce(ctx.x, ctx.keys, ctx.scores["attn"], ctx.coords, ctx.sizes,
-                              q=torch.tensor([1.0]), counts=torch.tensor([float(self.keep)]), tau=0.0,
-                              log_mask=ctx.log_mask, eps=1e-30, **self.knobs)
-            return P.SoftOut(x=out.x, bias=out.bias, log_mask=out.log_mask, sizes=out.sizes)
-
-    k1 = dict(merge=0.7, sharpness=3.0, reweight=0.5)
-    k2 = dict(merge=0.5, locality=1.0, reweight=1.0)
+def test_search_forward_is_the_hard_plan_and_shares_one_vision_pass():
     m = tiny()
     inputs, pos = batch(m)
+    k1 = dict(merge=0.7, sharpness=3.0, reweight=0.5)
+    k2 = dict(merge=0.5, locality=1.0, reweight=1.0)
+    sites = [site(1, 18, "attn", **k1), site(3, 8, "cls", **k2)]
     with torch.no_grad():
-        soft = P.soft_forward(m, **inputs, sites=[Relaxed(1, 18, **k1), Relaxed(3, 8, **k2)], position_ids=pos)
-        hard = reduced(m, [site(1, 18, "attn", **k1), site(3, 8, "attn", **k2)])(**inputs, position_ids=pos).logits
-    torch.testing.assert_close(soft[:, -1], hard[:, -1], atol=1e-4, rtol=1e-4)
+        hard = reduced(m, sites)(**inputs, position_ids=pos).logits
+        mine = P.search_forward(m, sites, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                position_ids=pos)
+        vision = P.encode_images(m, inputs["pixel_values"])
+        shared = P.search_forward(m, sites, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                  position_ids=pos, vision=vision)
+    ok = real(inputs, hard.shape[1])
+    torch.testing.assert_close(mine[ok], hard[ok], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[ok], hard[ok], atol=1e-5, rtol=1e-5)
+
+
+def test_search_forward_is_differentiable_in_the_knobs_even_at_zero_merge():
+    """Tensor knobs get finite, non-zero gradients through the really shortened sequence; at merge = 0 (a
+    prune) the merge knob's gradient is the first-order value of merging; the backbone gets none."""
+    m = tiny()
+    inputs, pos = batch(m)
+    s1 = knob_site(1, 18, "attn", merge=0.0, sharpness=5.0)
+    s2 = knob_site(3, 8, "norm", merge=1.0, sharpness=5.0, locality=0.5, reweight=1.0)
+    logits = P.search_forward(m, [s1, s2], inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                              position_ids=pos)
+    assert logits.shape[1] == inputs["input_ids"].shape[1] - (N_VIS - 8)
+    logits[:, -1].logsumexp(-1).sum().backward()
+    for s, names in ((s1, ("merge",)), (s2, ("merge", "sharpness", "locality", "reweight"))):
+        for name in names:
+            g = getattr(s, name).grad
+            assert g is not None and torch.isfinite(g) and g.abs() > 0, name
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    m = tiny()
+    inputs, pos = batch(m)
+    grads = []
+    for ckpt in (False, True):
+        s = knob_site(1, 12, "attn", merge=1.0, sharpness=5.0, reweight=1.0)
+        out = P.search_forward(m, [s], inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                               position_ids=pos, checkpoint=ckpt)
+        loss = out[:, -1].logsumexp(-1).sum()
+        loss.backward()
+        grads.append((float(loss), float(s.merge.grad), float(s.sharpness.grad), float(s.reweight.grad)))
+    assert grads[0] == pytest.approx(grads[1], rel=1e-5, abs=1e-7)
 
 
 def test_query_index_scores_the_prompt_end_of_a_teacher_forced_sequence(monkeypatch):
@@ -351,37 +410,16 @@ def test_query_index_scores_the_prompt_end_of_a_teacher_forced_sequence(monkeypa
         am = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], 1)
         pos2 = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
         q = torch.full((B,), T - 1)
-        ident = Identity(2)
-        P.soft_forward(m, ids, am, inputs["pixel_values"], sites=[ident], position_ids=pos2, query_index=q)
+        P.search_forward(m, [site(2, 10)], ids, am, inputs["pixel_values"], position_ids=pos2, query_index=q)
         r(input_ids=ids, attention_mask=am, pixel_values=inputs["pixel_values"], position_ids=pos2, query_index=q)
         # stacked sites: the query's index moves when the first site shortens the sequence
         r2 = reduced(m, [site(1, 18), site(3, 6)])
         r2(**inputs, position_ids=pos)
         kept2 = r2.last_kept_positions
         r2(input_ids=ids, attention_mask=am, pixel_values=inputs["pixel_values"], position_ids=pos2, query_index=q)
-    torch.testing.assert_close(ident.seen.scores["attn"], seen[0]["scores"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(seen[1]["scores"], seen[0]["scores"], atol=1e-6, rtol=1e-5)
     assert torch.equal(r.last_kept_positions, kept)
     assert torch.equal(r2.last_kept_positions, kept2)
-
-
-def test_soft_forward_is_differentiable_in_site_parameters():
-    m = tiny()
-    inputs, pos = batch(m)
-
-    class Scaled:
-        layer = 1
-
-        def __init__(self):
-            self.w = torch.nn.Parameter(torch.tensor(0.5))
-
-        def __call__(self, ctx):
-            return P.SoftOut(x=ctx.x * (1 + self.w), bias=self.w * ctx.scores["attn"].log())
-
-    s = Scaled()
-    logits = P.soft_forward(m, **inputs, sites=[s], position_ids=pos)
-    logits[:, -1].logsumexp(-1).sum().backward()
-    assert s.w.grad is not None and torch.isfinite(s.w.grad) and s.w.grad.abs() > 0
-    assert all(p.grad is None for p in m.parameters())
 
 
 # ------------------------------------------------------------------------------------------ cost

@@ -255,6 +255,15 @@ def test_lmms_eval_scores_a_local_gqa_task_with_its_own_metric(world, fastv_plan
     model, proc = toy
     want = eval_answers(model, proc, plan, ds, tmp_path / "eval")
     samples = out["samples"]["diffopsearch_toy_gqa"]
-    assert sorted(s["filtered_resps"][0] for s in samples) == sorted(want.values())
+    # answer by answer, matched on the question (the logged doc keeps its `id`; doc_id is its index in the
+    # task's split, the order load_qa reads): answers swapped between questions must fail here
+    assert len(samples) == len(recs)
+    got = {}
+    for s in samples:
+        rec = recs[s["doc_id"]]
+        assert s["doc"].get("id", rec["id"]) == rec["id"] and s["target"] == rec["answer"], (s["doc"], rec)
+        got[rec["id"]] = s["filtered_resps"][0]
+    assert got == want
+    assert len(set(want.values())) > 1  # different answers to different questions, so an exchange would show
     accuracy = sum(gqa_match(want[r["id"]], r["answer"]) for r in recs) / len(recs)
     assert out["results"]["diffopsearch_toy_gqa"]["exact_match,none"] == pytest.approx(accuracy)

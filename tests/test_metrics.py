@@ -37,15 +37,73 @@ def test_gqa_match(pred, answer, expected):
 # ---- reference transcriptions -----------------------------------------------------------------
 # Written to follow the originals line by line (dict answers with answer_id, in-place mutation,
 # `item != gtAnsDatum`), so that the cleaner implementation in metrics.py is checked against them.
+# The tables are copied here from the official script (GT-Vision-Lab/VQA, master, commit c4e6a0e,
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py, VQAEval.__init__), in its order and layout, NOT
+# imported from metrics.py: an error in metrics.py's tables must make these tests fail.
+
+OFFICIAL_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've",
+    "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've",
+    "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
+    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
+    "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've",
+    "youll": "you'll", "youre": "you're", "youve": "you've"}
+OFFICIAL_MANUAL_MAP = {"none": "0",
+                       "zero": "0",
+                       "one": "1",
+                       "two": "2",
+                       "three": "3",
+                       "four": "4",
+                       "five": "5",
+                       "six": "6",
+                       "seven": "7",
+                       "eight": "8",
+                       "nine": "9",
+                       "ten": "10"}
+OFFICIAL_ARTICLES = ["a", "an", "the"]
+OFFICIAL_PUNCT = [";", r"/", "[", "]", '"', "{", "}",
+                  "(", ")", "=", "+", "\\", "_", "-",
+                  ">", "<", "@", "`", ",", "?", "!"]
+
+
+def test_tables_are_the_official_ones():
+    """metrics.py's tables, entry by entry, against the transcription above (lmms-eval's
+    EvalAIAnswerProcessor carries the same tables, so one comparison covers both modes)."""
+    assert len(OFFICIAL_CONTRACTIONS) == 120 and len(OFFICIAL_MANUAL_MAP) == 12
+    assert metrics.CONTRACTIONS == OFFICIAL_CONTRACTIONS
+    assert list(metrics.CONTRACTIONS) == list(OFFICIAL_CONTRACTIONS)  # same order (nothing depends on it, yet)
+    assert metrics.NUMBER_MAP == OFFICIAL_MANUAL_MAP
+    assert list(metrics.ARTICLES) == OFFICIAL_ARTICLES and list(metrics.PUNCT) == OFFICIAL_PUNCT
+    # the quirks kept on purpose: a reversed entry, and capitalised keys that never match after lower()
+    assert metrics.CONTRACTIONS["somebody'd"] == "somebodyd" and "Im" in metrics.CONTRACTIONS
+
 
 class _OfficialVQAEval:  # GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py
-    contractions = metrics.CONTRACTIONS
-    manualMap = dict(metrics.NUMBER_MAP)
-    articles = ["a", "an", "the"]
+    contractions = OFFICIAL_CONTRACTIONS
+
+    def __init__(self):
+        self.manualMap = dict(OFFICIAL_MANUAL_MAP)  # per instance: processDigitArticle's setdefault grows it
+
+    articles = OFFICIAL_ARTICLES
     periodStrip = re.compile(r"(?!<=\d)(\.)(?!\d)")
     commaStrip = re.compile(r"(\d)(\,)(\d)")
-    punct = [';', r"/", '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',',
-             '?', '!']
+    punct = OFFICIAL_PUNCT
 
     def processPunctuation(self, inText):
         outText = inText
@@ -119,7 +177,11 @@ def _lmms_vqav2_process_results(pred, answers):  # lmms_eval/tasks/vqav2/utils.p
 
 VOCAB = ["2", "two", "Two", "the", "a", "an", "dog", "dogs", "man's", "isnt", "dont", "red", "dark red",
          "1,000", "1000", "3.5", "none", "zero", "0", "yes", "no", "Yes.", "t-shirt", "t shirt", "ten", "10",
-         "left", "left!", "(left)", "hot dog", "hot-dog", "the table", "table", "a lot", "it's", "whats"]
+         "left", "left!", "(left)", "hot dog", "hot-dog", "the table", "table", "a lot", "it's", "whats",
+         # contraction-table keys (the quirky ones too), so the tables also act through the accuracy
+         "somebody'd", "wheres", "whove", "yall", "shouldnt've", "Ive", "hes", "nine", "y'allll",
+         # ... and what they map to, so a prediction can match an annotator only through the table
+         "somebodyd", "where's", "who've", "y'all", "shouldn't've", "he's", "9", "y'all'll", "isn't", "what's"]
 
 
 def _random_text(rng):

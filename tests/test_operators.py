@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from diffopsearch.operators import grid_shape, reduce, scores, tome
-from diffopsearch.operators.reduce import hard_reduce, soft_reduce
+from diffopsearch.operators.reduce import hard_reduce
 
 INF = math.inf
 
@@ -214,92 +214,23 @@ def test_tome_via_hard_reduce_caps_r_and_stacks():
     torch.testing.assert_close((b.x * b.sizes[..., None]).sum(1) / 36, x.mean(1))
 
 
-# ---------------------------------------------------------------------------------------- soft
+# ---------------------------------------------------------------------------------------- learnable knobs
 
-def one_hot_q(L, i):
-    q = torch.zeros(L)
-    q[i] = 1.0
-    return q
-
-
-@pytest.mark.parametrize("knobs", [dict(merge=0.0), dict(merge=0.7, sharpness=5.0, locality=0.3),
-                                   dict(merge=1.0, sharpness=INF)])
-def test_soft_topk_at_zero_temperature_is_the_hard_operator(knobs):
-    x, keys, s, pos, coords = grid_inputs(seed=11)
-    counts = torch.tensor([36.0, 27.0, 18.0, 9.0])
-    for tau in (0.0, 1e-4):
-        soft = soft_reduce(x, keys, s, coords, None, one_hot_q(4, 2), counts, tau=tau, reweight=0.5, **knobs)
-        hard = hard_reduce(x, keys, s, pos, coords, None, site(18, reweight=0.5, **knobs))
-        for b in range(2):
-            kept = hard.index[b]
-            torch.testing.assert_close(soft.x[b, kept], hard.x[b], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(soft.sizes[b, kept], hard.sizes[b])
-            torch.testing.assert_close(soft.bias[b, kept], hard.bias[b], atol=1e-5, rtol=1e-5)
-            dropped = torch.ones(36, dtype=torch.bool)
-            dropped[kept] = False
-            assert torch.all(soft.log_mask[b, kept].abs() < 1e-5)
-            assert torch.all(soft.log_mask[b, dropped] < -13)  # log(eps): masked like -inf
-
-
-def test_soft_grid_at_one_hot_q_is_the_hard_pool():
-    x, keys, s, pos, coords = grid_inputs(seed=12)
-    counts = torch.tensor([36.0, 16.0, 9.0, 4.0])
-    soft = soft_reduce(x, keys, None, coords, None, one_hot_q(4, 2), counts, anchors="grid", merge=1.0,
-                       locality=30.0)
-    hard = hard_reduce(x, keys, None, pos, coords, None, site(9, anchors="grid", merge=1.0, locality=30.0))
-    for b in range(2):
-        torch.testing.assert_close(soft.x[b, hard.index[b]], hard.x[b])
-        assert int((soft.mask[b] > 0.5).sum()) == 9
-
-
-def test_soft_reweight_regime_is_the_diffrate_mask():
-    x, keys, s, pos, coords = grid_inputs(seed=13)
-    counts = torch.tensor([36.0, 18.0, 9.0])
-    q = torch.tensor([0.5, 0.3, 0.2])
-    out = soft_reduce(x, keys, s, coords, None, q, counts, tau=0.0, reweight=1.0)
-    assert torch.equal(out.x, x)
-    for b in range(2):
-        rank = torch.argsort(torch.argsort(s[b], descending=True))
-        ref = torch.tensor([sum(float(qk) for qk, K in zip(q, counts) if K > r) for r in rank])
-        torch.testing.assert_close(out.mask[b], ref)
-        torch.testing.assert_close(out.log_mask[b], torch.log(ref + 1e-6))
-    torch.testing.assert_close(reduce.expected_keep(q, counts), torch.tensor(0.5 * 36 + 0.3 * 18 + 0.2 * 9))
-
-
-def test_soft_mode_is_differentiable_in_every_knob_and_in_q():
-    x, keys, s, pos, coords = grid_inputs(seed=14)
-    counts = torch.tensor([36.0, 27.0, 18.0, 9.0])
-    mu = torch.tensor(0.4, requires_grad=True)
-    beta = torch.tensor(3.0, requires_grad=True)
-    lam = torch.tensor(0.2, requires_grad=True)
-    rho = torch.tensor(0.5, requires_grad=True)
-    logits = torch.zeros(4, requires_grad=True)
-    q = logits.softmax(0)
-    out = soft_reduce(x, keys, s, coords, None, q, counts, merge=mu, sharpness=beta, locality=lam,
-                      reweight=rho, tau=0.5)
-    target = torch.randn_like(out.x)
-    loss = (out.x * target).sum() + (out.bias.softmax(-1) * torch.arange(36.0)).sum()
-    loss.backward()
-    for name, p in dict(mu=mu, beta=beta, lam=lam, rho=rho, q=logits).items():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and float(p.grad.abs().sum()) > 0, name
-
-
-def test_soft_stacked_site_ranks_dropped_tokens_last():
-    x, keys, s, pos, coords = grid_inputs(seed=15)
-    first = soft_reduce(x, keys, s, coords, None, one_hot_q(2, 1), torch.tensor([36.0, 18.0]), tau=0.0)
-    # the second site ranks by norm but only among the 18 survivors
-    second = soft_reduce(first.x, keys, -s, coords, first.sizes, one_hot_q(2, 1), torch.tensor([18.0, 9.0]),
-                         tau=0.0, log_mask=first.log_mask)
-    kept = (first.mask > 0.5) & (second.mask > 0.5)
-    assert kept.sum(1).tolist() == [9, 9]
-    assert torch.all((second.mask > 0.5) <= (first.mask > 0.5))
-
-
-def test_log_bounded_is_exact_forward_with_a_bounded_gradient():
-    from diffopsearch.operators.reduce import log_bounded
-
-    x = torch.tensor([0.0, 1e-20, 0.5, 1.0], requires_grad=True)
-    y = log_bounded(x)
-    assert torch.allclose(y, torch.log(x.detach() + 1e-30))
-    y.sum().backward()
-    assert float(x.grad.max()) <= 1e6 + 1 and torch.allclose(x.grad[2:], 1 / (x.detach()[2:] + 1e-6))
+def test_hard_reduce_is_differentiable_in_tensor_knobs_and_exact_at_their_values():
+    """The search's knobs are 0-d tensors: the output equals the float-knob operator's and every knob gets
+    a finite gradient; a learnable merge of 0 still runs the merge branch (its gradient: whether to merge)."""
+    x, keys, s, pos, coords = grid_inputs()
+    floats = dict(merge=0.6, sharpness=4.0, locality=0.5, reweight=0.7)
+    ref = hard_reduce(x, keys, s, pos, coords, None, site(12, **floats))
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in floats.items()}
+    out = hard_reduce(x, keys, s, pos, coords, None, SimpleNamespace(keep=12, anchors="topk", **t))
+    torch.testing.assert_close(out.x, ref.x)
+    torch.testing.assert_close(out.sizes, ref.sizes)
+    (out.x.square().sum() + out.bias.sum()).backward()
+    assert all(v.grad is not None and torch.isfinite(v.grad) and v.grad.abs() > 0 for v in t.values())
+    mu = torch.tensor(0.0, requires_grad=True)
+    pruned = hard_reduce(x, keys, s, pos, coords, None, SimpleNamespace(keep=12, anchors="topk", merge=mu,
+                                                                       sharpness=4.0, locality=0.0, reweight=0.0))
+    torch.testing.assert_close(pruned.x, hard_reduce(x, keys, s, pos, coords, None, site(12)).x)
+    pruned.x.square().sum().backward()
+    assert torch.isfinite(mu.grad) and mu.grad.abs() > 0

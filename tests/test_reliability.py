@@ -25,6 +25,7 @@ from test_search import _tiny_model_dir, tiny4  # noqa: F401  (tiny4: the 4-laye
 
 from diffopsearch import evaluate as ev
 from diffopsearch.errors import Interrupted, NumericalError, UserError
+from diffopsearch.search import checkpoint as ck
 from diffopsearch.search import loop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +33,8 @@ PACKAGE = ROOT / "diffopsearch"
 
 # A search of a few steps on the tiny model and a small toy world; the eval of its plan is 2 questions.
 SEARCH_ARGS = ["budget=0.6", "limit=2", "batch_size=2", "max_new_tokens=2", "search.steps=4", "search.batch_size=2",
-               "search.warmup_steps=1", "search.checkpoint_every=2", "search.candidate_layers=[1]",
-               "search.ladder=[1.0,0.5]", "search.select_samples=2", "model.device=cpu", "dataset=toy"]
+               "search.plans_per_step=2", "search.knob_plans=1", "search.checkpoint_every=2",
+               "search.candidate_layers=[1,2]", "search.select_samples=2", "model.device=cpu", "dataset=toy"]
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +279,7 @@ def test_a_search_killed_after_its_first_checkpoint_resumes_to_the_same_plan(tmp
         "search.steps=8", f"model.path={assets.model}", f"dataset.path={assets.world}"]
     _diffopsearch(["search", *args, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path)
     killed = tmp_path / "killed"
-    ckpt = killed / loop.CKPT_DIR / loop.CKPT_META
+    ckpt = killed / ck.CKPT_DIR / ck.CKPT_META
     _kill_when(["search", *args, f"hydra.run.dir={killed}"], tmp_path, ckpt.exists)
     assert not (killed / "plan.json").exists()
     step = json.loads(ckpt.read_text())["step"]
@@ -373,8 +374,8 @@ def test_a_kill_between_the_checkpoint_tensors_and_its_json_still_resumes(tmp_pa
     with pytest.raises(Interrupted, match="at step 1 of 3 .last checkpoint: step 1"):
         _search(model, proc, world_train, tmp_path / "b", steps=3, checkpoint_every=1)
     monkeypatch.setattr(io, "atomic_write_json", real)
-    d = tmp_path / "b" / loop.CKPT_DIR
-    assert json.loads((d / loop.CKPT_META).read_text())["step"] == 1 and (d / loop.CKPT_PREV).exists()
+    d = tmp_path / "b" / ck.CKPT_DIR
+    assert json.loads((d / ck.CKPT_META).read_text())["step"] == 1 and (d / ck.CKPT_PREV).exists()
     resumed = _search(model, proc, world_train, tmp_path / "b", steps=3, checkpoint_every=1, resume=True)
     assert resumed.resumed_from == 1
     for (name, x), (_, y) in zip(straight.state.named_parameters(), resumed.state.named_parameters()):
@@ -438,14 +439,14 @@ def _message(err: str) -> str:
 
 
 def test_ctrl_c_in_a_search_stops_cleanly_and_says_how_to_resume(capsys, monkeypatch, tmp_path, assets):
-    _interrupt_on_call(monkeypatch, loop, "answer_losses", 3)  # during step 2, just after the checkpoint of step 2
+    _interrupt_on_call(monkeypatch, loop, "plan_losses", 2 * CALLS_PER_STEP + 1)  # step 2, just after its checkpoint
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "search", *SEARCH_ARGS, f"model.path={assets.model}",
                            f"dataset.path={assets.world}", f"hydra.run.dir={run}")
     assert code == 130 and "Traceback" not in err
     assert _message(err) == (f"diffopsearch search: interrupted at step 2 of 4 (last checkpoint: step 2); rerun with "
                              f"resume=true (same hydra.run.dir='{run}') to continue from the last checkpoint")
-    assert json.loads((run / loop.CKPT_DIR / loop.CKPT_META).read_text())["step"] == 2
+    assert json.loads((run / ck.CKPT_DIR / ck.CKPT_META).read_text())["step"] == 2
     assert not (run / "plan.json").exists()
 
 
@@ -497,18 +498,23 @@ def world_train(assets):
 
 
 def _search(model, proc, train, out, **kw):
-    from diffopsearch.search import make_space
+    from diffopsearch.plan import backbone_info
+    from diffopsearch.search.space import Planner, make_space
 
-    space = make_space(model.config, {"operator": "continuous", "candidate_layers": [1], "ladder": [1.0, 0.5]})
+    space = make_space(model.config, [1, 2])
     resume = kw.pop("resume", False)
-    st = loop.SearchSettings(**{**dict(budget=0.6, steps=4, batch_size=2, warmup_steps=1, checkpoint_every=2,
-                                       lr=0.1), **kw})
-    return loop.search(model, proc, train, space, st, 20.0, out_dir=out, progress=False, resume=resume)
+    st = loop.SearchSettings(**{**dict(budget=0.6, steps=4, batch_size=2, plans_per_step=2, knob_plans=1,
+                                       checkpoint_every=2, lr=0.1), **kw})
+    planner = Planner(space, backbone_info(model.config), st.budget, model.config.text_config, 20.0)
+    return loop.search(model, proc, train, space, planner, st, 20.0, out_dir=out, progress=False, resume=resume)
+
+
+CALLS_PER_STEP = 3  # plan_losses calls per step of _search: 2 plans, then the best one again for the knobs
 
 
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, tiny4, world_train):
     model, proc = tiny4
-    _nan_loss_at_call(monkeypatch, 4)  # step 3
+    _nan_loss_at_call(monkeypatch, 3 * CALLS_PER_STEP + 1)  # step 3
     with pytest.raises(NumericalError) as e:
         _search(model, proc, world_train, tmp_path)
     msg = str(e.value)
@@ -516,8 +522,8 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp
     assert "last good checkpoint (step 2)" in msg and "search.lr=0.1" in msg and "search.grad_clip=" in msg
     from safetensors.torch import load_file
 
-    assert json.loads((tmp_path / loop.CKPT_DIR / loop.CKPT_META).read_text())["step"] == 2
-    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / loop.CKPT_DIR / loop.CKPT_TENSORS).values())
+    assert json.loads((tmp_path / ck.CKPT_DIR / ck.CKPT_META).read_text())["step"] == 2
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / ck.CKPT_DIR / ck.CKPT_TENSORS).values())
     assert [json.loads(x)["step"] for x in (tmp_path / loop.LOG_NAME).read_text().splitlines()] == [0, 1, 2]
 
 
@@ -539,14 +545,14 @@ def test_an_inf_in_the_architecture_state_stops_the_search(tmp_path, monkeypatch
 
 
 def _nan_loss_at_call(monkeypatch, n):
-    real, calls = loop.answer_losses, []
+    real, calls = loop.plan_losses, []
 
     def poisoned(*a, **k):
         out = real(*a, **k)
         calls.append(1)
-        return {**out, "ce": out["ce"] * float("nan")} if len(calls) == n else out
+        return out * float("nan") if len(calls) == n else out
 
-    monkeypatch.setattr(loop, "answer_losses", poisoned)
+    monkeypatch.setattr(loop, "plan_losses", poisoned)
 
 
 def test_a_nan_search_from_the_command_line_is_one_message_exit_2(capsys, monkeypatch, tmp_path, assets):
@@ -593,8 +599,8 @@ def test_an_inf_gradient_is_clipped_and_stops_the_search_only_with_clipping_off(
     def overflow_at_step_1(self, tensors):
         real(self, tensors)
         calls.append(1)
-        if len(calls) == 2:
-            tensors[0].view(-1)[0] = float("inf")  # the first architecture gradient (the keep-ladder logits)
+        if len(calls) == 4:  # per step: the plans' losses, then the gradients; this is step 1's gradients
+            tensors[0].view(-1)[0] = float("inf")  # the first architecture gradient (the policy's logits)
 
     monkeypatch.setattr(loop.Procs, "mean_", overflow_at_step_1)
     res = _search(model, proc, world_train, None, steps=2)

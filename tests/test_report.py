@@ -4,6 +4,7 @@ Everything runs on synthetic results.json files in evaluate's schema (no model).
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -234,13 +235,35 @@ def test_compact_layers():
     assert rp.compact_layers([]) == ""
 
 
-def test_plot_handles_ties_and_rows_without_latency(tmp_path):
+def test_plot_handles_ties_and_rows_without_latency(tmp_path, monkeypatch):
+    """Two runs at the same point are both drawn; a row without a latency is drawn in the FLOPs panel
+    only, and the latency panel still uses ratios (every timed row has one). Read off the drawn figure."""
+    from matplotlib.figure import Figure
+
+    drawn = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: drawn.append(self) or savefig(self, *a, **k))
     rows = [rp.row_from_result(result("none", 1.0, 0.6, 1.0, 10.0), "a/results.json"),
             rp.row_from_result(result("none", 1.0, 0.6, 1.0, 10.0), "b/results.json"),  # same point twice
             rp.row_from_result(result("pool", 0.5, 0.5, 0.5, 5.0), "c/results.json")]
     rows[2].prefill_ms = None
     rp.attach_latency_ratios(rows)
     is_png(rp.plot(rows, tmp_path / "p.png"))
+    (fig,) = drawn
+    ax_f, ax_l = fig.axes
+
+    def series(ax):
+        return {line.get_label(): [(float(x), round(float(y), 9)) for x, y in zip(line.get_xdata(), line.get_ydata())]
+                for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+    assert series(ax_f) == {"unreduced (none)": [(1.0, 60.0), (1.0, 60.0)], "pool": [(0.5, 50.0)]}
+    assert series(ax_l) == {"unreduced (none)": [(1.0, 60.0), (1.0, 60.0)]}  # pool: no latency, no point
+    assert ax_l.get_xlabel().startswith("measured prefill latency ratio")
+    # the unreduced accuracy as a reference line across both panels, once per unreduced run
+    for ax in (ax_f, ax_l):
+        refs = [line for line in ax.get_lines() if line.get_label().startswith("_")]
+        assert len(refs) == 2 and all(round(float(line.get_ydata()[0]), 9) == 60.0 for line in refs)
+    assert [t.get_text() for t in ax_f.get_legend().get_texts()] == ["unreduced (none)", "pool"]
 
 
 # --------------------------------------------------------------------------- scripts/bench.py
@@ -259,8 +282,6 @@ def test_bench_projection_to_llava_7b_scales_layers_and_keeps():
     from types import SimpleNamespace
 
     from diffopsearch.baselines import make_plan
-    from diffopsearch.cost import plan_cost
-    from diffopsearch.plan import Plan, Site
 
     bench = _bench()
     toy_text = SimpleNamespace(hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=4,
@@ -270,14 +291,26 @@ def test_bench_projection_to_llava_7b_scales_layers_and_keeps():
     p = bench.project_plan(plan.to_dict(), 40.0)
     assert p["src_layers"] == 8 and p["src_visual"] == 144
     assert p["sites"][0]["layer"] == site.layer * 4 and p["sites"][0]["keep"] == round(site.keep * 4)
-    # the same number as the cost model on the hand-built 7B plan
-    seven = Plan(sites=[Site(layer=site.layer * 4, keep=site.keep * 4, score="attn", anchors="topk")],
-                 backbone={"name": "", "num_layers": 32, "visual_tokens": 576, "grid": [24, 24]}, budget=0.6,
-                 method="fastv")
-    ref = plan_cost(SimpleNamespace(**bench.LLAVA7B_TEXT), seven, 576, 40.0)
-    assert p["flops_ratio"] == pytest.approx(ref["flops_ratio"])
-    assert 0 < p["end_to_end_saving"] < p["llm_saving"] == pytest.approx(1 - ref["flops_ratio"])
-    assert 0.3 < p["vision_tflops"] < 0.6 and 7 < p["tflops_full"] < 9  # CLIP-L/336 and 7B prefill, ~616 tokens
+    # the 7B numbers worked out by hand (not with cost.plan_cost, which project_plan itself calls):
+    # LLaVA-1.5-7B's decoder (d 4096, MLP 11008, 32 heads, no GQA), 2 FLOPs per multiply-add, matmuls only,
+    # causal pairs n (n + 1) / 2; 40 text + 576 visual tokens; FastV's score: q of the last token and its
+    # dot products with every key it sees.
+    d, m, L, text = 4096, 11008, 32, 40.0
+
+    def layer(n):
+        return 2 * n * d * 4 * d + 3 * 2 * n * d * m + 2 * 2 * (n * (n + 1) / 2) * d
+
+    cut, keep = site.layer * 4, site.keep * 4
+    full = L * layer(text + 576)
+    flops = cut * layer(text + 576) + (L - cut) * layer(text + keep) + 2 * d * d + 2 * d * (text + 576)
+    assert p["tflops_full"] == pytest.approx(full / 1e12) and 8.0 < p["tflops_full"] < 8.2
+    assert p["flops_ratio"] == pytest.approx(flops / full) and p["llm_saving"] == pytest.approx(1 - flops / full)
+    # CLIP ViT-L/14-336 (24 layers, d 1024, MLP 4096, 577 tokens, full attention) and the 2-layer projector
+    vision = 24 * (2 * 577 * 1024 * 4 * 1024 + 2 * 2 * 577 * 1024 * 4096 + 2 * 2 * 577 * 577 * 1024) \
+        + 2 * 576 * (1024 * 4096 + 4096 * 4096)
+    assert p["vision_tflops"] == pytest.approx(vision / 1e12)
+    assert p["end_to_end_saving"] == pytest.approx((full - flops) / (full + vision))
+    assert p["avg_tokens"] == pytest.approx((cut * 576 + (L - cut) * keep) / L) and p["tokens_in"] == 576
 
 
 def test_bench_times_the_operator_inside_the_forward():
@@ -337,7 +370,17 @@ def test_bench_quick_writes_benchmarks_md_and_resumes(tmp_path):
         assert needle in md, needle
     searched = next(line for line in md.splitlines() if line.startswith("| **searched** | **"))
     assert "(0." in searched  # the searched plan was evaluated: accuracy and FLOPs ratio
-    assert "| 0.7 | 0:" in md or "| 0.7 | " in md.split("## 4.")[1]  # a projected plan row
+    # the projected plan's row: sites, tokens, FLOPs ratio and the two savings, consistent with each other
+    projection = md.split("## 4. Projection to LLaVA-1.5-7B")[1].split("\n## ")[0]
+    (row,) = [line for line in projection.splitlines() if line.startswith("| 0.7 | ")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 6, row
+    site_re = r"\d+: \d+, [a-z]+/[a-z]+, mu \d\.\d\d"
+    assert re.fullmatch(rf"{site_re}(; {site_re})*", cells[1]), row
+    tokens_in, avg = cells[2].split(" / ")
+    assert 0 < float(avg) <= int(tokens_in) <= 576, row
+    ratio, llm, e2e = float(cells[3]), float(cells[4].rstrip("%")), float(cells[5].rstrip("%"))
+    assert 0 < ratio < 1 and llm == pytest.approx(100 * (1 - ratio), abs=0.11) and 0 < e2e < llm, row
     is_png(tmp_path / "docs" / "benchmarks_pareto.png")
     assert (work / "report.md").exists() and (work / "latency.json").exists()
     again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)

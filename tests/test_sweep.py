@@ -123,8 +123,9 @@ def _sweep_jobs(app: str, overrides: list[str]):
 
 def test_slurm_launcher_submits_one_job_per_budget_that_relaunches_under_accelerate():
     """The README's command composes; the launcher plugin is built from it; every job's config asks
-    for the accelerate relaunch inside SLURM, and the relaunch command is the job's own overrides."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    for the accelerate relaunch inside SLURM, and the relaunch command is the job's own overrides.
+    The plugin is part of `[test]`: missing, this test fails (it does not skip)."""
+    import hydra_plugins.hydra_submitit_launcher  # noqa: F401
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -150,14 +151,22 @@ def test_slurm_launcher_submits_one_job_per_budget_that_relaunches_under_acceler
     assert OmegaConf.select(master, "hydra.launcher.timeout_min") > 0
 
 
-def test_slurm_launcher_without_the_plugin_names_the_extra():
+def test_slurm_launcher_without_the_plugin_names_the_extra(monkeypatch):
     """Where hydra-submitit-launcher is missing, composing hydra/launcher=slurm fails naming the
-    missing launcher config (the README says: pip install 'diffopsearch[slurm]')."""
-    import importlib.util
+    missing launcher config (the README says: pip install 'diffopsearch[slurm]'). `[test]` installs the
+    plugin, so its absence is simulated: its two launcher configs are taken out of Hydra's ConfigStore
+    (where the plugin registers them) for this test only."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+    from hydra.errors import MissingConfigException
 
-    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
-        slurm = Path(cli.__file__).parent / "conf" / "hydra" / "launcher" / "slurm.yaml"
-        assert "diffopsearch[slurm]" in slurm.read_text() and "submitit_slurm" in slurm.read_text()
-        return
-    with pytest.raises(Exception, match="submitit_slurm"):
+    slurm = Path(cli.__file__).parent / "conf" / "hydra" / "launcher" / "slurm.yaml"
+    assert "diffopsearch[slurm]" in slurm.read_text() and "- submitit_slurm" in slurm.read_text()
+    Plugins.instance()  # discovery imports the plugin, which registers its configs: do it before removing them
+    launchers = ConfigStore.instance().repo["hydra"]["launcher"]
+    assert "submitit_slurm.yaml" in launchers  # present while installed ...
+    _sweep_jobs("search", ["hydra/launcher=slurm", "budget=0.8,0.6"])  # ... and then the sweep composes
+    for name in ("submitit_slurm.yaml", "submitit_local.yaml"):
+        monkeypatch.delitem(launchers, name)
+    with pytest.raises(MissingConfigException, match="Could not load 'hydra/launcher/submitit_slurm'"):
         _sweep_jobs("search", ["hydra/launcher=slurm", "budget=0.8,0.6"])

@@ -50,7 +50,38 @@ def test_objects_spread_over_the_grid():
     scenes, _ = world.generate_split("test", 200, seed=0)
     cells = {(o.row, o.col) for s in scenes for o in s.objects}
     assert len(cells) > 0.9 * world.GRID ** 2  # every region of the image matters somewhere
-    assert world.GRID ** 2 >= 144
+
+
+def test_each_object_is_drawn_inside_its_own_patch():
+    """One object per vision patch (so each visual token is one object or empty): the rendered pixels of
+    a cell are the background plus the colour of the object the scene puts there, nothing else, and the
+    grid is the toy backbone's patch grid (12 x 12 patches of 16 px = its 144 visual tokens)."""
+    import numpy as np
+
+    from diffopsearch.backbone import toy
+
+    cfg = toy.build_config()
+    assert cfg.vision_config.image_size == world.IMAGE_SIZE and cfg.vision_config.patch_size == world.CELL
+    assert cfg.image_seq_length == world.GRID ** 2 == 144
+    scenes, _ = world.generate_split("test", 8, seed=0)
+    assert {o.size for s in scenes for o in s.objects} == set(world.SIZES)  # both sizes are checked
+    for scene in scenes:
+        px = np.asarray(world.render(scene))
+        at = {(o.row, o.col): o for o in scene.objects}
+        assert len(at) == len(scene.objects)  # never two objects in one cell
+        for row in range(world.GRID):
+            for col in range(world.GRID):
+                cell = px[row * world.CELL:(row + 1) * world.CELL, col * world.CELL:(col + 1) * world.CELL]
+                colours = {tuple(int(v) for v in c) for c in cell.reshape(-1, 3)}
+                o = at.get((row, col))
+                if o is None:
+                    assert colours == {world.BACKGROUND}, (scene.image_id, row, col)
+                else:
+                    assert colours == {world.BACKGROUND, world.COLORS[o.color]}, (scene.image_id, o)
+                    # the object's area follows its size (a large one covers more of the cell than a small one)
+                    filled = int((cell != np.array(world.BACKGROUND)).any(-1).sum())
+                    side = world.SIZES[o.size]
+                    assert side * side / 3 < filled <= side * side, (scene.image_id, o, filled)
 
 
 def test_written_world_loads_like_the_hub_dataset(tmp_path):

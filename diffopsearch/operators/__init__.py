@@ -1,5 +1,5 @@
 """The operator space as pure tensor functions: scores.py (importance), reduce.py (the five-knob
-operator, hard and soft), tome.py (ToMe bipartite matching).
+operator), tome.py (ToMe bipartite matching).
 
 This package's ``__init__`` holds only the torch-free vocabulary that plan validation needs
 (names and grid arithmetic), so checking a plan never imports torch.
@@ -11,7 +11,6 @@ import math
 SCORES = ("attn", "cls", "norm", "random", "none")
 ANCHORS = ("topk", "grid", "bipartite", "iqr", "dominant")
 NEEDS_SCORE = ("topk", "iqr", "dominant")  # anchor rules that rank tokens by a score
-SOFT_ANCHORS = ("topk", "grid")            # anchor rules with a soft (search) mode
 
 
 def grid_shape(keep: int, rows: int, cols: int) -> tuple[int, int] | None:

@@ -1,4 +1,4 @@
-"""The five-knob reduction operator of DESIGN section 2, hard and soft. Pure batched tensor maths.
+"""The five-knob reduction operator of DESIGN section 2. Pure batched tensor maths.
 
 Inputs at a site (the visual segment only): x (B, n, d) hidden states, keys (B, n, c) the
 similarity metric (patch/llava.py passes the previous layer's keys averaged over kv heads, as ToMe
@@ -36,7 +36,8 @@ this is DESIGN's formula). Reweight: the key bias ``rho * log(size)`` (:func:`ke
 Across stacked sites the bias is of the token's *current* cumulative size, never a sum of the
 sites' biases (patch/llava.py, ``reweight_after``).
 
-Soft mode (the search, DESIGN section 3) keeps all n tokens; see :func:`soft_reduce`.
+Knobs may be floats or 0-d tensors that require grad (the search learns them through this function:
+the output is differentiable in merge, sharpness, locality and reweight).
 """
 from __future__ import annotations
 
@@ -45,8 +46,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import ANCHORS, NEEDS_SCORE, SOFT_ANCHORS, contextual_count, grid_shape, tome  # noqa: F401
-_TINY = 1e-30  # floor inside log(anchor weight): a non-anchor gets weight e^-69, i.e. none
+from . import ANCHORS, NEEDS_SCORE, contextual_count, grid_shape, tome
 
 
 class Reduced(NamedTuple):
@@ -58,14 +58,6 @@ class Reduced(NamedTuple):
     bias: torch.Tensor    # (B, k) additive key bias for later layers: reweight * log(sizes)
 
 
-class SoftReduced(NamedTuple):
-    x: torch.Tensor         # (B, n, d) hidden states with merge flows mixed into anchors
-    log_mask: torch.Tensor  # (B, n) this site's own log keep-mask log(m + eps)
-    sizes: torch.Tensor     # (B, n) token sizes after this site
-    bias: torch.Tensor      # (B, n) this site's key bias: log_mask + rho * log(sizes)
-    mask: torch.Tensor      # (B, n) this site's keep mask m in [0, 1]
-
-
 # ----------------------------------------------------------------------------- small helpers
 
 def _isinf(v) -> bool:
@@ -74,16 +66,22 @@ def _isinf(v) -> bool:
     return math.isinf(float(v))
 
 
+def _merges(mu) -> bool:
+    """Whether the merge branch runs: mu > 0, or a learnable mu (its gradient at 0 says whether to merge)."""
+    if isinstance(mu, torch.Tensor) and mu.requires_grad:
+        return True
+    return float(mu) > 0
+
+
 def _iszero(v) -> bool:
     if isinstance(v, torch.Tensor):
         return v.numel() == 1 and not v.requires_grad and float(v) == 0.0
     return float(v) == 0.0
 
 
-def key_bias(log_mask: torch.Tensor | None, sizes: torch.Tensor, reweight) -> torch.Tensor:
-    """Additive attention-logit bias on visual keys: ``log_mask + reweight * log(sizes)``."""
-    bias = reweight * torch.log(sizes.float().clamp_min(1e-12))
-    return bias if log_mask is None else log_mask + bias
+def key_bias(sizes: torch.Tensor, reweight) -> torch.Tensor:
+    """Additive attention-logit bias on visual keys: ``reweight * log(sizes)``."""
+    return reweight * torch.log(sizes.float().clamp_min(1e-12))
 
 
 def descending_ranks(scores: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,7 +275,7 @@ def hard_reduce(x, keys, scores, pos, coords, sizes, site) -> Reduced:
         raise ValueError(f"keep={k} with {n} incoming tokens")
     if k == n:  # nothing dropped, nothing merged: a no-op (cost model counts it as free)
         idx = torch.arange(n, device=x.device).expand(B, n)
-        return Reduced(x, pos, coords, sizes, idx, key_bias(None, sizes, site.reweight))
+        return Reduced(x, pos, coords, sizes, idx, key_bias(sizes, site.reweight))
     if site.anchors == "bipartite":
         r = n - k
         if r > tome.max_merge(n):
@@ -285,13 +283,13 @@ def hard_reduce(x, keys, scores, pos, coords, sizes, site) -> Reduced:
         if keys is None:
             raise ValueError("bipartite anchors need keys")
         y, s, p, c, idx = tome.bipartite_merge(x.float(), keys, sizes.float(), pos, coords, r, float(site.merge))
-        return Reduced(y.to(x.dtype), p, c, s, idx, key_bias(None, s, site.reweight))
+        return Reduced(y.to(x.dtype), p, c, s, idx, key_bias(s, site.reweight))
     anc = select_anchors(site.anchors, scores, pos, coords, k)
     idx = anc.index
     xa = x.gather(1, idx[..., None].expand(-1, -1, d))
     sa = sizes.gather(1, idx).float()
-    mu = float(site.merge)
-    if mu > 0 and bool(anc.receive.any()):
+    mu = site.merge
+    if _merges(mu) and bool(anc.receive.any()):
         is_anchor = torch.zeros(B, n, dtype=torch.bool, device=x.device).scatter(1, idx, True)
         drop = torch.argsort(is_anchor.to(torch.int8), dim=1, stable=True)[:, : n - k]
         xd = x.gather(1, drop[..., None].expand(-1, -1, d)).float()
@@ -305,110 +303,4 @@ def hard_reduce(x, keys, scores, pos, coords, sizes, site) -> Reduced:
         num = sa[..., None] * xa.float() + mu * (Pw.transpose(1, 2) @ xd)
         sa = sa + flow
         xa = (num / sa[..., None]).to(x.dtype)
-    return Reduced(xa, pos.gather(1, idx), anc.coords, sa, idx, key_bias(None, sa, site.reweight))
-
-
-# ----------------------------------------------------------------------------- soft mode
-
-def soft_keep_mask(ranks: torch.Tensor, q: torch.Tensor, counts: torch.Tensor, tau) -> torch.Tensor:
-    """DiffRate-style keep mask: m_r = sum_k q_k * step(K_k - r), a soft step
-    ``sigmoid((K_k - r - 1/2) / tau)`` that is the hard 1[r < K_k] as tau -> 0 (tau = 0 is exact).
-    ranks (B, n), q (L,) or (B, L), counts (L,) or (B, L) -> (B, n). Linear in q, and
-    differentiable in counts (so in expected counts from earlier sites) while tau > 0."""
-    counts = torch.as_tensor(counts, dtype=torch.float32, device=ranks.device)
-    q = torch.as_tensor(q, device=ranks.device).float()
-    if q.dim() == 1:
-        q = q[None]
-    if counts.dim() == 1:
-        counts = counts[None]
-    z = counts[:, None, :] - ranks[..., None].float() - 0.5    # (B|1, n, L)
-    step = (z > 0).float() if float(tau) == 0.0 else torch.sigmoid(z / tau)
-    return (step * q[:, None, :]).sum(-1)
-
-
-def expected_keep(q: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """E[k] = sum_k q_k K_k: what the cost model sees during the search."""
-    counts = torch.as_tensor(counts, dtype=torch.float32, device=q.device)
-    return (q.float() * counts).sum(-1)
-
-
-def log_bounded(x: torch.Tensor, eps: float = _TINY, eps_grad: float = 1e-6) -> torch.Tensor:
-    """``log(x + eps)`` in the forward, the gradient of ``log(x + eps_grad)``: an exact (tiny) value
-    for x = 0 without a 1 / eps-sized derivative. (Measured: with the plain log the straight-through
-    search sent gradients of 1e6-1e19 into the keep-ladder logits through dropped anchors' weights.)"""
-    soft = torch.log(x + eps_grad)
-    return soft + (torch.log(x + eps) - soft).detach()
-
-
-def _soft_flow(x, sizes, keys, c_src, c_anc, a, w, merge, sharpness, locality):
-    """All-n flows: source j gives mass w_j, shared over anchors i with weight a_i (soft), no
-    self-flow. Returns (y, new sizes)."""
-    if _iszero(merge):
-        return x, sizes
-    hard = _isinf(sharpness) or _isinf(locality)
-    allowed = (a >= 0.5) if hard else None
-    P = assignment(keys, keys, c_src, c_anc, sharpness, locality,
-                   anc_logw=log_bounded(a.float()), allowed=allowed, exclude_self=True)  # (B, j, i)
-    Pw = P * (w * sizes)[..., None]
-    flow = merge * Pw.sum(1)                                          # (B, n)
-    num = sizes[..., None] * x.float() + merge * (Pw.transpose(1, 2) @ x.float())
-    new_sizes = sizes + flow
-    return (num / new_sizes[..., None]).to(x.dtype), new_sizes
-
-
-def soft_reduce(x, keys, scores, coords, sizes, q, counts, *, anchors="topk", merge=0.0,
-                sharpness=0.0, locality=0.0, reweight=0.0, tau=1.0, log_mask=None,
-                eps=1e-6) -> SoftReduced:
-    """Relaxed site for the search: no token is removed.
-
-    q: (L,) or (B, L) keep distribution over a ladder of absolute keep counts ``counts`` (L,).
-    ``topk``: tokens are ranked by score (hard ranks; tokens already dropped by earlier sites,
-    i.e. incoming mask < 1/2, rank last) and get the soft mask m_r = sum_{K > r} q_K
-    (:func:`soft_keep_mask`, temperature tau). Dropped mass (1 - m_j) * m_in_j of token j flows
-    into the soft anchors i with weight m_i * m_in_i through P (knobs as in hard mode) and is mixed
-    in size-weighted. ``grid``: each ladder count K (must be a valid grid keep) gives its own
-    anchor set; the result is the q-weighted mixture of the per-K merges and m_j = sum_K q_K
-    1[j anchors grid K]. Knobs may be floats or 0-d tensors: the result is differentiable in
-    merge, sharpness, locality, reweight (through ``bias``) and q; infinite knobs give hard
-    assignments. ``log_mask`` in: the sum of earlier sites' log masks (SiteContext.log_mask).
-    Returns this site's own log_mask = log(m + eps) and bias = log_mask + reweight * log(sizes)
-    (SoftOut's fields; the forward sums sites' biases). As tau -> 0 with a one-hot q this is
-    :func:`hard_reduce` with the kept tokens in place and the dropped ones at log(eps).
-    """
-    B, n, d = x.shape
-    sizes = torch.ones(B, n, device=x.device) if sizes is None else sizes.float()
-    coords = coords.float()
-    m_in = torch.ones(B, n, device=x.device) if log_mask is None else log_mask.float().exp().clamp(max=1.0)
-    if anchors == "topk":
-        if scores is None:
-            raise ValueError("topk anchors need scores")
-        alive = None if log_mask is None else m_in > 0.5
-        m = soft_keep_mask(descending_ranks(scores, alive), q, counts, tau)
-        y, s = _soft_flow(x, sizes, keys, coords, coords, m * m_in, (1 - m) * m_in,
-                          merge, sharpness, locality)
-    elif anchors == "grid":
-        q = torch.as_tensor(q, device=x.device).float()
-        q = q[None].expand(B, -1) if q.dim() == 1 else q
-        pos = torch.arange(n, device=x.device).expand(B, n)
-        y = torch.zeros(B, n, d, device=x.device)
-        s = torch.zeros(B, n, device=x.device)
-        m = torch.zeros(B, n, device=x.device)
-        for li, K in enumerate(torch.as_tensor(counts).tolist()):  # loop over the ladder, not tokens
-            K = int(round(K))
-            if K >= n:
-                a, c_anc = torch.ones(B, n, device=x.device), coords
-            else:
-                anc = grid_anchors(pos, coords, K)
-                a = torch.zeros(B, n, device=x.device).scatter(1, anc.index, 1.0)
-                c_anc = coords.scatter(1, anc.index[..., None].expand(-1, -1, 2), anc.coords)
-            yk, sk = _soft_flow(x, sizes, keys, coords, c_anc, a * m_in, (1 - a) * m_in,
-                                merge, sharpness, locality)
-            qk = q[:, li]
-            y = y + qk[:, None, None] * yk.float()
-            s = s + qk[:, None] * sk
-            m = m + qk[:, None] * a
-        y = y.to(x.dtype)
-    else:
-        raise ValueError(f"soft mode supports anchors {SOFT_ANCHORS}, not {anchors!r}")
-    lm = torch.log(m + eps)
-    return SoftReduced(y, lm, s, key_bias(lm, s, reweight), m)
+    return Reduced(xa, pos.gather(1, idx), anc.coords, sa, idx, key_bias(sa, site.reweight))

@@ -1,18 +1,18 @@
-"""The reduced LLaVA forward: a plan (or soft search sites) run inside the language model.
+"""The reduced LLaVA forward: a plan run inside the language model.
 
 transformers 5.x ``LlavaModel.forward`` refuses a mismatch between image features and image placeholder
 tokens, so reduction cannot happen by dropping features before the merge. Instead this module reuses
 LLaVA's own embedding code (vision tower, projector, placeholder scatter) and then runs a decoder loop
 of its own over ``model.model.language_model.layers`` with the model's rotary embedding, final norm and
-``lm_head``. That loop is where sites act:
+``lm_head``. That loop is where sites act: layers before a site see every token; at a site's layer the
+visual segment is reduced by ``operators.reduce.hard_reduce`` and later layers run on the really shorter
+sequence (FLOPs, memory and latency drop). Surviving tokens keep their original position ids. Generation
+reduces at prefill and decodes on the reduced KV cache (FastV's cached variant): each layer keeps the
+cache length it was run with, and every layer gets an attention mask matching its own cache.
 
-* **hard** (a ``Plan``): layers before a site see every token; at a site's layer the visual segment is
-  reduced by ``operators.reduce.hard_reduce`` and later layers run on the really shorter sequence
-  (FLOPs, memory and latency drop). Surviving tokens keep their original position ids. Generation
-  reduces at prefill and decodes on the reduced KV cache (FastV's cached variant): each layer keeps the
-  cache length it was run with, and every layer gets an attention mask matching its own cache.
-* **soft** (the search): nothing is removed; each soft site rewrites the visual hidden states and adds
-  a key bias (log keep-mask + rho * log size) to the visual key columns of its layer and all later ones.
+The search runs the same hard forward (:func:`search_forward`) with sites whose continuous knobs
+(merge, sharpness, locality, reweight) are tensors: the loss is differentiable in them through the
+really reduced sequence, optionally with activation checkpointing over the decoder layers.
 
 Conventions:
 
@@ -61,56 +61,6 @@ from ..operators.reduce import hard_reduce
 from ..operators.scores import attn_scores, cls_scores, norm_scores, random_scores
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Soft-site interface (the search implements site objects against these two dataclasses)
-# ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class SiteContext:
-    """What a soft site sees before decoder layer ``layer`` (B = batch, n = visual tokens).
-
-    x:        (B, n, d) visual hidden states entering the layer (in the graph: differentiable).
-    keys:     (B, n, dk) similarity keys: layer-1's keys before RoPE, mean over kv heads (dk = head_dim);
-              the hidden states themselves (dk = d) at layer 0.
-    scores:   dict of (B, n) float32 importance scores: ``attn`` (layer > 0), ``cls`` (when pixel_values were
-              given), ``norm``. Higher = more important.
-    pos:      (B, n) long original position ids.  coords: (B, n, 2) float32 (row, col) grid coordinates.
-    sizes:    (B, n) float32 token sizes (1 + merged mass), as left by the previous soft site (ones at first).
-    log_mask: (B, n) float32 sum of the previous soft sites' ``SoftOut.log_mask`` (zeros at first).
-    bias:     (B, n) float32 key bias already on the visual keys (sum of the previous sites' ``SoftOut.bias``).
-    """
-
-    layer: int
-    x: Tensor
-    keys: Tensor
-    scores: dict[str, Tensor]
-    pos: Tensor
-    coords: Tensor
-    sizes: Tensor
-    log_mask: Tensor
-    bias: Tensor
-
-
-@dataclass
-class SoftOut:
-    """What a soft site returns.
-
-    x:        (B, n, d) new visual hidden states (replace the old ones in this layer's input).
-    bias:     (B, n) additive key bias *this site* contributes (its own log keep-mask + rho * log size, as
-              ``operators.reduce.soft_reduce`` returns it); the forward adds it to the visual key columns of
-              the attention logits in this layer and all later layers, summed with the other sites' biases.
-              Text keys are never biased.
-    log_mask: optional (B, n) this site's own log keep-mask, summed into ``SiteContext.log_mask`` for later
-              sites (default: zeros).
-    sizes:    optional (B, n) token sizes after this site, given to later sites (default: unchanged).
-    """
-
-    x: Tensor
-    bias: Tensor
-    log_mask: Tensor | None = None
-    sizes: Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,14 +239,13 @@ class _Seq:
 @dataclass
 class _Visual:
     """The visual segment of the running sequence: ``start`` (B,) offset, ``n`` tokens, and what the
-    sequence does not carry (grid coordinates, sizes, CLS scores, soft log-mask)."""
+    sequence does not carry (grid coordinates, sizes, CLS scores, the reweight in effect)."""
 
     start: Tensor
     n: int
     coords: Tensor
     sizes: Tensor
     cls: Tensor | None
-    log_mask: Tensor | None = None
     rho: float | Tensor = 0.0      # the reweight in effect (reweight_after): key bias = rho * log(sizes)
 
     def index(self) -> Tensor:
@@ -356,11 +305,12 @@ def _random_scores(input_ids, kpm, seed, layer, n, device) -> Tensor:
 
 def _run(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
          pixel_values=None, image_sizes=None, vision_feature_layer=None, vision_feature_select_strategy=None,
-         mm_encoder_outputs=None, hard_sites: Sequence = (), soft_sites: Sequence = (), use_cache=False,
+         mm_encoder_outputs=None, hard_sites: Sequence = (), use_cache=False,
          past_key_values: ReducedCache | None = None, seed: int = 0, n_expected: int | None = None,
-         query_index: Tensor | None = None) -> _Result:
+         query_index: Tensor | None = None, checkpoint: bool = False, vision: dict | None = None) -> _Result:
     """One forward through the language model with reduction. Prefill when ``past_key_values`` is empty
-    (sites act), decoding on a ``ReducedCache`` otherwise (no sites; per-layer masks)."""
+    (sites act), decoding on a ``ReducedCache`` otherwise (no sites; per-layer masks). ``checkpoint``:
+    recompute each decoder layer in the backward instead of keeping its activations (the search)."""
     lm = model.model.language_model
     layers = lm.layers
     impl = _attn_implementation(model)
@@ -381,27 +331,16 @@ def _run(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, posi
     vfl = vision_feature_layer if vision_feature_layer is not None else model.config.vision_feature_layer
     vfss = (vision_feature_select_strategy if vision_feature_select_strategy is not None
             else model.config.vision_feature_select_strategy)
-    sites_present = bool(hard_sites) or bool(soft_sites)
-    need_cls = (pixel_values is not None and sites_present
-                and (bool(soft_sites) or any(s.score == "cls" for s in hard_sites)))
+    sites_present = bool(hard_sites)
+    need_cls = pixel_values is not None and any(s.score == "cls" for s in hard_sites)
     image_features, cls = None, None
     if pixel_values is not None and mm_encoder_outputs is not None:
         raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
     enc = dict(mm_encoder_outputs or {})
-    if enc.get("image") is None and pixel_values is not None:
-        cap, cls_attn = _Capture(), None
-        if need_cls:
-            cls_attn = _cls_layer(model, vfl)
-            if cls_attn is not None:
-                cap.watch("cls", cls_attn, slice(0, 1))
-        try:
-            enc["image"] = model.model.get_image_features(
-                pixel_values=pixel_values, vision_feature_layer=vfl, vision_feature_select_strategy=vfss,
-                image_sizes=image_sizes, return_dict=True)
-        finally:
-            cap.close()
-        if cls_attn is not None:
-            cls = _cls_attention(cls_attn, cap.q["cls"], cap.k["cls"])
+    if vision is not None:  # encoded once for several forwards of one batch (the search)
+        enc["image"], cls = vision["image"], vision["cls"]
+    elif enc.get("image") is None and pixel_values is not None:
+        enc["image"], cls = _encode(model, pixel_values, vfl, vfss, image_sizes, need_cls)
     special = None
     if enc.get("image") is not None:
         image_features = torch.cat(list(enc["image"].pooler_output), dim=0).to(device, dtype)
@@ -427,20 +366,14 @@ def _run(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, posi
         i = torch.arange(n, device=device)
         coords = torch.stack([i // g, i % g], -1).float()[None].expand(B, n, 2)
         vis = _Visual(start=start, n=n, coords=coords, sizes=torch.ones(B, n, device=device), cls=cls)
-        if soft_sites:
-            vis.log_mask = torch.zeros(B, n, device=device)
 
     by_layer_hard = {s.layer: s for s in hard_sites} if vis is not None else {}
-    by_layer_soft: dict[int, list] = {}
-    if vis is not None:
-        for s in soft_sites:
-            by_layer_soft.setdefault(s.layer, []).append(s)
 
     # ---- hooks: layer l-1's q (last token) and k for every site at l > 0
     cap = _Capture()
-    for l in set(by_layer_hard) | set(by_layer_soft):
+    for l in by_layer_hard:
         if l > 0:
-            want_q = bool(by_layer_soft.get(l)) or by_layer_hard.get(l) is not None and by_layer_hard[l].score == "attn"
+            want_q = by_layer_hard[l].score == "attn"
             rows = None if not want_q else slice(-1, None) if query_index is None else slice(None)
             cap.watch(l - 1, layers[l - 1].self_attn, rows)
 
@@ -459,9 +392,6 @@ def _run(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, posi
                 seq, vis = _apply_hard(seq, vis, site, scores, keys)
                 cos, sin = lm.rotary_emb(seq.h, position_ids=seq.pos)
                 dirty = True
-            for site in by_layer_soft.get(l, ()):
-                seq, vis = _apply_soft(site, l, seq, vis, cap, prev, layers, query_index)
-                dirty = True
             if dirty:
                 mask = _attention_mask(seq.kpm, seq.bias, seq.h.shape[1], impl, dtype)
                 if cache is not None:
@@ -471,8 +401,12 @@ def _run(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, posi
             if cache is not None:
                 cache.segment_of_layer.append(len(cache.segment_kpm) - 1)
             prev = (seq.kpm, seq.bias, cos, sin)
-            seq.h = layer(seq.h, attention_mask=mask, position_ids=seq.pos, use_cache=use_cache,
-                          position_embeddings=(cos, sin), **{_cache_kw(layer): cache})
+            kw = dict(attention_mask=mask, position_ids=seq.pos, use_cache=use_cache,
+                      position_embeddings=(cos, sin), **{_cache_kw(layer): cache})
+            if checkpoint and seq.h.requires_grad:  # memory: recompute this layer in the backward
+                seq.h = torch.utils.checkpoint.checkpoint(layer, seq.h, use_reentrant=False, **kw)
+            else:
+                seq.h = layer(seq.h, **kw)
             cap.q.pop(l - 1, None), cap.k.pop(l - 1, None)   # free what is no longer needed
     finally:
         cap.close()
@@ -481,6 +415,34 @@ def _run(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, posi
     kept = _gather_tokens(seq.pos, vis.index()) if vis is not None else None
     return _Result(hidden=lm.norm(seq.h), cache=cache, image_features=image_features, orig=seq.orig,
                    kept_positions=kept)
+
+
+def _encode(model, pixel_values, vfl, vfss, image_sizes, need_cls: bool):
+    """LLaVA's image features (its own ``get_image_features``) and, when ``need_cls``, the CLS attention of
+    the CLIP layer that produces them, read by hooks during the same pass."""
+    cap, cls_attn, cls = _Capture(), None, None
+    if need_cls:
+        cls_attn = _cls_layer(model, vfl)
+        if cls_attn is not None:
+            cap.watch("cls", cls_attn, slice(0, 1))
+    try:
+        image = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=vfl,
+                                               vision_feature_select_strategy=vfss, image_sizes=image_sizes,
+                                               return_dict=True)
+    finally:
+        cap.close()
+    if cls_attn is not None:
+        cls = _cls_attention(cls_attn, cap.q["cls"], cap.k["cls"])
+    return image, cls
+
+
+def encode_images(model, pixel_values: Tensor) -> dict:
+    """The vision tower's output and CLS scores for a batch, to pass as ``vision=`` to several
+    :func:`search_forward` calls on it (the search runs several plans per batch: one vision pass)."""
+    vfl, vfss = model.config.vision_feature_layer, model.config.vision_feature_select_strategy
+    with torch.no_grad():
+        image, cls = _encode(model, pixel_values, vfl, vfss, None, True)
+    return {"image": image, "cls": cls}
 
 
 def _cls_layer(model, vfl):
@@ -569,33 +531,6 @@ def _apply_hard(seq: _Seq, vis: _Visual, site, scores, keys) -> tuple[_Seq, _Vis
     newvis = _Visual(start=vis.start, n=k, coords=_gather_tokens(red.coords, order).float(), sizes=sizes,
                      cls=vis.cls.gather(1, ridx) if vis.cls is not None else None, rho=rho)
     return new, newvis
-
-
-def _apply_soft(site, l: int, seq: _Seq, vis: _Visual, cap: _Capture, prev, layers,
-                query_index=None) -> tuple[_Seq, _Visual]:
-    B, T, _ = seq.h.shape
-    vidx = vis.index()
-    x = _gather_tokens(seq.h, vidx)
-    scores = {"norm": norm_scores(x)}
-    if vis.cls is not None:
-        scores["cls"] = vis.cls
-    if l > 0:
-        kpm, bias, cos, sin = prev
-        scores["attn"] = _fastv_scores(layers[l - 1].self_attn, cap.q[l - 1], cap.k[l - 1], cos, sin, kpm, bias,
-                                       vidx, query_index)
-    vbias = (seq.bias.gather(1, vidx) if seq.bias is not None
-             else torch.zeros(B, vis.n, device=seq.h.device))
-    ctx = SiteContext(layer=l, x=x, keys=_keys(l, seq, vis, cap, layers), scores=scores,
-                      pos=seq.pos.gather(1, vidx), coords=vis.coords, sizes=vis.sizes,
-                      log_mask=vis.log_mask, bias=vbias)
-    out = site(ctx)
-    h = _scatter_tokens(seq.h, vidx, out.x.to(seq.h.dtype))
-    base = seq.bias if seq.bias is not None else torch.zeros(B, T, device=seq.h.device)
-    bias = _scatter_tokens(base, vidx, vbias + out.bias.float())
-    newvis = _Visual(start=vis.start, n=vis.n, coords=vis.coords,
-                     sizes=out.sizes.float() if out.sizes is not None else vis.sizes, cls=vis.cls,
-                     log_mask=vis.log_mask + out.log_mask.float() if out.log_mask is not None else vis.log_mask)
-    return _Seq(h=h, pos=seq.pos, kpm=seq.kpm, orig=seq.orig, bias=bias), newvis
 
 
 def _decode(model, cache: ReducedCache, h: Tensor, new_kpm: Tensor, position_ids, impl) -> _Result:
@@ -865,27 +800,20 @@ def apply_plan(model, plan, seed: int | None = None) -> ReducedLlava:
     return ReducedLlava(model, plan, seed=int(seed or 0))
 
 
-def soft_forward(model, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
-                 sites: Sequence[Callable] = (), *, position_ids: Tensor | None = None,
-                 logits_to_keep: int | Tensor = 0, query_index: Tensor | None = None, vision_feature_layer=None,
-                 vision_feature_select_strategy=None, image_sizes=None) -> Tensor:
-    """The search's forward: logits (B, T, V) (or the last ``logits_to_keep``) with soft sites and no token
-    removed. Each site is an object with ``.layer`` and ``__call__(SiteContext) -> SoftOut``. Differentiable
-    with respect to whatever the site objects hold (run it outside ``torch.no_grad``); the backbone can be
-    frozen. Sites at the same layer run in the given order.
-
-    ``query_index`` (B,): the token whose attention gives the ``attn`` score, per sample. With a
-    teacher-forced answer after the prompt pass the last *prompt* token (the one predicting the first
-    answer token), so scores match what the hard plan sees at generation time and do not peek at the
-    answer; default: the last position."""
+def search_forward(model, sites: Sequence, input_ids: Tensor, attention_mask: Tensor | None = None,
+                   pixel_values: Tensor | None = None, *, position_ids: Tensor | None = None,
+                   logits_to_keep: int | Tensor = 0, query_index: Tensor | None = None,
+                   checkpoint: bool = False, vision: dict | None = None) -> Tensor:
+    """The search's forward: logits of the *reduced* sequence (or its last ``logits_to_keep``) under hard
+    ``sites`` (objects with Site's fields, at most one per layer) whose knobs may be tensors that require
+    grad: the loss is differentiable in merge / sharpness / locality / reweight through the really
+    shortened sequence. ``query_index`` (B,): the last prompt token of a teacher-forced answer, so ``attn``
+    scores are what generation sees. ``checkpoint``: activation checkpointing over the decoder layers.
+    ``vision``: :func:`encode_images` of ``pixel_values`` (then ``pixel_values`` only marks that there is an
+    image), so several plans on one batch share one vision pass."""
     _check_model(model)
-    n_layers = len(model.model.language_model.layers)
-    sites = sorted(sites, key=lambda s: s.layer)
-    for s in sites:
-        if not 0 <= s.layer < n_layers:
-            raise UserError(f"soft site layer {s.layer} is out of range: the decoder has layers 0..{n_layers - 1}")
+    sites = _ordered_sites(sites, len(model.model.language_model.layers), "search site")
     res = _run(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-               pixel_values=pixel_values, image_sizes=image_sizes, vision_feature_layer=vision_feature_layer,
-               vision_feature_select_strategy=vision_feature_select_strategy, soft_sites=sites, use_cache=False,
-               query_index=query_index)
+               pixel_values=pixel_values, hard_sites=sites, use_cache=False, query_index=query_index,
+               checkpoint=checkpoint, vision=vision)
     return model.lm_head(slice_logits_to_keep(res.hidden, logits_to_keep))

@@ -1,13 +1,17 @@
-"""`diffopsearch search`: the differentiable operator search (DESIGN section 3).
+"""`diffopsearch search`: the operator search (docs/DESIGN.md section 3).
 
-- :mod:`.state`: the architecture state (keep-ladder and operator distributions, free knobs);
-- :mod:`.relax`: soft sites for ``patch.llava.soft_forward`` and the expected cost;
-- :mod:`.loop`: the training loop (progress, JSONL log, checkpoints, resume, data parallel);
-- :mod:`.discretize`: the hard plan, repaired until ``cost <= budget``.
+- :mod:`.space`: what is chosen (one or two sites, their layers, operators and keep ratio) and the
+  plan of a choice, its first keep solved from the budget (every plan fits by construction);
+- :mod:`.policy`: what learns (a staged policy over the choices, the operators' knobs);
+- :mod:`.loop`: the gradient phase (score-function gradients for the choices from several hard plans
+  per step, backpropagation through the hard forward for the knobs; log, checkpoints, resume, data
+  parallel);
+- :mod:`.select`: the reported safety net (the policy's plan against the runners-up and the corners
+  on held-out questions).
 
-:func:`run` is the command: search on the search split, discretize, write ``plan.json`` in the run
-directory, evaluate it on the evaluation split (``results.json``) and, with
-``search.eval_baselines=true``, every baseline at the same budget (one table).
+:func:`run` is the command: search on the search split, write ``plan.json`` in the run directory,
+evaluate it on the evaluation split (``results.json``) and, with ``search.eval_baselines=true``, every
+baseline at the same budget (one table).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-__all__ = ["run", "make_space", "search_plan"]
+__all__ = ["run", "search_plan"]
 
 PLAN_NAME = "plan.json"
 BASELINES_DIR = "baselines"
@@ -27,39 +31,6 @@ def _get(cfg, key, default=None):
     except Exception:
         return default
     return default if value is None else value
-
-
-def make_space(model_config, search_cfg):
-    """The search space for a backbone config (a LlavaConfig or a model) and ``cfg.search``
-    (candidate layers, ladder, operator)."""
-    model_config = getattr(model_config, "config", model_config)
-    from ..evaluate import visual_token_count
-    from .state import SearchSpace
-
-    n_layers = int(model_config.text_config.num_hidden_layers)
-    layers = _get(search_cfg, "candidate_layers")
-    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
-    bad = [x for x in layers if not 0 <= x < n_layers]
-    if bad:
-        raise UserError(f"search.candidate_layers={layers!r} is not valid for this backbone: it has {n_layers} "
-                        f"decoder layers, so candidate layers lie in 0..{n_layers - 1} (bad: {bad}).")
-    ladder = sorted({float(x) for x in _get(search_cfg, "ladder", [1.0])}, reverse=True)
-    if not ladder or ladder[0] != 1.0 or ladder[-1] <= 0:
-        raise UserError(f"search.ladder={ladder!r} is not valid: distinct keep fractions in (0, 1] including 1.0.")
-    n_visual, grid = visual_token_count(model_config)
-    return SearchSpace(layers=tuple(sorted(set(layers))), ladder=tuple(ladder),
-                       operator=str(_get(search_cfg, "operator", "continuous")), n_visual=int(n_visual),
-                       grid=tuple(grid), num_layers=n_layers, scores=available_scores(model_config))
-
-
-def available_scores(model_config) -> tuple[str, ...]:
-    """attn and norm always; cls when the LLaVA feature layer is the output of a CLIP layer (the
-    CLS attention is read from that layer, as the reduced forward does)."""
-    vfl = getattr(model_config, "vision_feature_layer", -2)
-    idx = max(vfl) if isinstance(vfl, (list, tuple)) else int(vfl)
-    n = int(model_config.vision_config.num_hidden_layers)
-    hs = idx if idx >= 0 else n + 1 + idx
-    return ("attn", "cls", "norm") if hs >= 1 else ("attn", "norm")
 
 
 def settings_from(cfg):
@@ -76,7 +47,7 @@ def hold_out(train, n: int, seed: int):
     plan: :mod:`.select`), by a permutation drawn from ``seed``. At most a quarter is held out."""
     import torch
 
-    from .state import seed_for
+    from .loop import seed_for
 
     n = min(int(n), len(train) // 4)
     if n <= 0:
@@ -88,63 +59,63 @@ def hold_out(train, n: int, seed: int):
 
 
 def search_plan(model, processor, train, space, settings, n_text, out_dir=None, accelerator=None, resume=False,
-                progress=True, config: dict | None = None, stop_after=None, model_name: str = "", fill: bool = True,
+                progress=True, config: dict | None = None, stop_after=None, model_name: str = "",
                 heldout=None, select_samples: int = 0, select_corners: bool = False, screen_questions=None,
-                finalists: int = 2):
-    """Search, discretize and repair: returns (plan, SearchResult). With ``heldout`` questions,
-    the plan is the best on them of the argmax plan, ``select_samples`` plans sampled from the
-    learned distributions and (``select_corners``) the single-site corners of the space; with
-    ``screen_questions``, the candidates besides the argmax are screened on that many of them and
-    ``finalists`` go on (:mod:`.select`). Writes nothing but the loop's log / checkpoints."""
+                finalists: int = 2, on_step=None):
+    """Search and choose: returns (plan, SearchResult). The gradient phase's plan is the policy's mode with
+    its learned knobs; with ``heldout`` questions it competes with the policy's next ``select_samples``
+    plans and (``select_corners``) the space's corners (:mod:`.select`), and plan.json says which won.
+    Writes nothing but the loop's log / checkpoints."""
     from ..plan import backbone_info
-    from .discretize import discretize, min_cost_ratio
     from .loop import search
+    from .space import Planner, min_cost_ratio
 
     text_config = model.config.text_config
     backbone = backbone_info(model.config, name=model_name)
-    floor = min_cost_ratio(text_config, backbone, n_text, space.layers)
+    floor = min_cost_ratio(text_config, backbone, n_text, space.layers[0])
     if settings.budget < floor:
         raise UserError(f"budget={settings.budget} is below what any plan can reach on this backbone and data: "
                         f"even one visual token left at layer {space.layers[0]} costs {floor:.3f} of the full "
                         f"prefill FLOPs (text tokens: {n_text:.1f} on average). Use budget >= {floor:.3f}.")
-    from .discretize import argmax_choices, make_plan
+    planner = Planner(space, backbone, settings.budget, text_config, n_text)
+    res = search(model, processor, train, space, planner, settings, n_text, out_dir=out_dir,
+                 accelerator=accelerator, resume=resume, progress=progress, stop_after=stop_after, on_step=on_step)
+    from .select import candidate_plans
 
-    def hard_cost(state):  # the argmax plan's cost before repair, for the log
-        p = make_plan(state, argmax_choices(state), backbone, settings.budget, text_config, n_text)
-        return round(p.cost["flops_ratio"], 5)
-
-    res = search(model, processor, train, space, settings, n_text, out_dir=out_dir, accelerator=accelerator,
-                 resume=resume, progress=progress, stop_after=stop_after, hard_cost=hard_cost)
+    cands = candidate_plans(res.state, planner, select_samples if heldout is not None else 0,
+                            select_corners and heldout is not None)
     selection = None
-    if heldout is not None and len(heldout):  # the argmax plan is the first candidate
+    if heldout is not None and len(heldout) and len(cands) > 1:
         from .loop import Procs
-        from .select import candidate_plans, corner_plans, select_plan
+        from .select import select_plan
 
-        cands = candidate_plans(res.state, backbone, settings.budget, text_config, n_text, select_samples,
-                                settings.seed, fill=fill)
-        if select_corners:
-            cands += corner_plans(space, backbone, settings.budget, text_config, n_text)
-        (_, plan, repair), best, table = select_plan(model, processor, cands, heldout, screen_questions,
-                                                     finalists, procs=Procs(accelerator))
-        selection = {"questions": len(heldout), "split": heldout.split, "chosen": best, "candidates": table,
+        (origin, plan), best, table = select_plan(model, processor, cands, heldout, screen_questions, finalists,
+                                                  procs=Procs(accelerator))
+        selection = {"questions": len(heldout), "split": heldout.split, "chosen": best, "chosen_origin": origin,
+                     "gradient_plan_won": best == 0, "candidates": table,
                      # select_plan decides whether it screened; its table says so
                      "screen_questions": screen_questions if any("screen_ce" in r for r in table) else None}
     else:
-        plan, repair = discretize(res.state, backbone, settings.budget, text_config, n_text, fill=fill)
+        plan = cands[0][1]
     plan.seed = settings.seed
     from dataclasses import asdict
 
+    from .space import describe
+
     config = dict(config or {})
     was_resume = bool(config.pop("resume", resume))  # how the plan was reached, not what it is: in plan.run
+    mode = res.state.policy.mode()
     plan.search = {
         "config": config, "settings": asdict(settings), "space": space.to_dict(), "seed": settings.seed,
-        "steps": res.steps, "final_loss": res.final_loss, "lambda_b": res.lam, "n_text": n_text,
-        "distributions": res.state.distributions(), "repair": repair, "selection": selection,
+        "steps": res.steps, "final_loss": res.final_loss, "n_text": n_text,
+        "gradient_plan": {"choice": describe(mode, space), "sites": [s.to_dict() for s in cands[0][1].sites]},
+        "distributions": res.state.policy.distributions(), "knobs": res.state.knobs.to_dict(),
+        "selection": selection,
     }
     # Everything that differs between two runs of the same config and seed lives here, so the rest
     # of plan.json is byte-identical across reruns and across an interrupted + resumed run.
     plan.run = {"created": _utc_now(), "seconds": round(res.seconds, 2), "resume": was_resume,
-                "resumed_from": res.resumed_from}
+                "resumed_from": res.resumed_from, "reduced_forwards": res.forwards}
     return plan, res
 
 
@@ -185,7 +156,9 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
                         "(search_split='validation[:4000]' with split='validation[4000:]').")
     train, heldout = hold_out(train, int(_get(cfg.search, "select_questions", 0)), int(_get(cfg, "seed", 0)))
     model, processor = load_backbone(cfg.model, device=accelerator.device if multi else None)
-    space = make_space(model.config, cfg.search)
+    from .space import make_space
+
+    space = make_space(model.config, _get(cfg.search, "candidate_layers"), bool(_get(cfg.search, "two_sites", True)))
     settings = settings_from(cfg)
     n_text = mean_prompt_text_tokens(processor, train)
     model_name = str(_get(cfg.model, "name", "model"))
@@ -194,8 +167,7 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     # every process reads the checkpoint on resume; only the main one writes (the loop sees to it)
     plan, res = search_plan(model, processor, train, space, settings, n_text, out_dir=out,
                             accelerator=accelerator, resume=bool(_get(cfg, "resume", False)),
-                            config=to_dict(cfg), model_name=model_id, fill=bool(_get(cfg.search, "fill", True)),
-                            heldout=heldout, select_samples=int(_get(cfg.search, "select_samples", 0)),
+                            config=to_dict(cfg), model_name=model_id, heldout=heldout, select_samples=int(_get(cfg.search, "select_samples", 0)),
                             select_corners=bool(_get(cfg.search, "select_corners", False)),
                             screen_questions=_get(cfg.search, "screen_questions", None),
                             finalists=int(_get(cfg.search, "select_finalists", 2)))

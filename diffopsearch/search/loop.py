@@ -1,20 +1,24 @@
-"""The search loop: frozen backbone, architecture state only, under a budget (DESIGN section 3).
+"""The search loop: a frozen backbone, the architecture state only, every plan under budget
+(docs/DESIGN.md section 3).
 
-Per step: an architecture sampled from the state's distributions by Gumbel-softmax at temperature
-tau (noise from (seed, step)), straight-through by default: the forward runs exactly the sampled
-discrete architecture (dropped keys at log(eps), constant regime knobs exact), so what the loss
-sees is what a plan would do, while the gradient is the relaxed sample's. Loss: answer
-cross-entropy (+ ``kl_weight`` x KL to the unreduced model's answer distribution, computed once per
-batch under no_grad) plus ``lambda_b * relu(E[cost] - budget)^2`` after the warm-up, ``lambda_b``
-raised by dual ascent while E[cost] is over budget; tau anneals exponentially from tau_start to
-tau_end. E[cost] is under the distributions themselves (``anneal_cost``: under softmax(logits /
-tau), which approaches the argmax plan's cost). The start is the constraint itself: the keep-all
-probability is set so that the initial E[cost] equals the budget.
+One step, on one batch of the search split:
 
-Everything that varies from step to step is a function of (seed, step), and the checkpoint holds
-the state, the optimizer and lambda_b, so ``resume=true`` ends at the plan an uninterrupted run
-ends at. Data parallel: each process takes its share of the step's batch, the architecture
-gradients are averaged over processes (all-reduce), and every process applies the same update;
+1. the unreduced model's answer distribution (no grad): the reference;
+2. ``plans_per_step`` plans drawn from the policy (:mod:`.policy`), each run for real without a graph:
+   a hard forward with a truly shorter sequence (:func:`diffopsearch.patch.llava.search_forward`) and
+   its loss (KL to the reference by default, or the answer CE);
+3. the policy's score-function gradient: each plan's advantage is its reward (minus the log of its
+   loss) against the mean of the *other* plans on the same batch (leave-one-out), normalised by their
+   spread;
+4. the knobs' gradient: the ``knob_plans`` best plans of the step run again with tensor knobs and
+   their loss is backpropagated through the reduced forward (one plan's graph alive at a time;
+   ``micro_batch`` and activation checkpointing bound it further);
+5. one Adam step on policy and knobs, the knobs projected back into their domains.
+
+Nothing is relaxed: what a plan's loss measures is what that plan does. Every draw is a function of
+(seed, step) and the checkpoint holds state, optimizer and step, so ``resume=true`` ends at the plan
+an uninterrupted run ends at. Data parallel: each process takes its share of the batch, all draw the
+same plans, losses and gradients are averaged (all-reduce), every process applies the same update;
 only the main process writes (JSONL log, checkpoints) and draws the progress bar.
 """
 from __future__ import annotations
@@ -25,63 +29,67 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import Interrupted, NumericalError, UserError
 from ..evaluate import to_device
-from .relax import build_sites, expected_cost_ratio, init_keep_for_budget
-from .state import ArchState, SearchSpace, seed_for
+from ..patch.llava import encode_images
+from .checkpoint import CKPT_DIR, load_checkpoint, save_checkpoint
+from .policy import ArchState
+from .space import Planner, SearchSpace, describe
 
-CKPT_DIR = "checkpoint"
-CKPT_TENSORS = "search_state.safetensors"
-CKPT_META = "search_state.json"
-CKPT_PREV = "search_state.prev.safetensors"  # the tensors the JSON names while a new checkpoint is written
 LOG_NAME = "search_log.jsonl"
 DATA_STREAM = 17
+POLICY_STREAM = 23
+REWARD_FLOOR = 1e-4  # losses below this count as equal (KL noise of a batch of a few questions)
+
+
+def seed_for(seed: int, step: int, stream: int) -> int:
+    """A 63-bit generator seed from (seed, step, stream): distinct streams never share draws."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + int(stream) * 0x94D049BB133111EB)
+    x &= (1 << 64) - 1
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)
 
 
 @dataclass
 class SearchSettings:
-    """What the loop needs (from ``cfg.search``, ``cfg.budget``, ``cfg.seed``)."""
+    """What the loop needs (the schema's ``search`` fields, ``budget``, ``seed``); defaults in config.py."""
 
     budget: float = 0.6
     seed: int = 0
-    operator: str = "continuous"
-    steps: int = 80
-    lr: float = 0.2
+    steps: int = 40
     batch_size: int = 8
-    tau_start: float = 1.0
-    tau_end: float = 0.3
-    warmup_steps: int = 10
-    lambda_init: float = 1.0
-    dual_lr: float = 0.5
-    kl_weight: float = 0.0
-    checkpoint_every: int = 50
-    init_keep: float | None = None  # None: the keep-all probability that puts E[cost] at the budget
-    gumbel: bool = True  # Gumbel noise in the relaxed samples (False: the tempered distributions themselves)
-    straight_through: bool = True  # the forward sees the sampled one-hot architecture, the gradient the relaxed one
-    anneal_cost: bool = True  # E[cost] under softmax(logits / tau) instead of the distributions themselves
-    # Max L2 norm of the architecture-state gradient per step (0: no clipping). On the tiny test LLaVA
-    # the usual steps have norm 0.1-9, while the straight-through relaxation has sent spikes of 1e5-1e9
-    # (and an inf) into the keep-ladder logits: 10 cuts such spikes and leaves the usual steps alone.
-    grad_clip: float = 10.0
+    plans_per_step: int = 8
+    knob_plans: int = 2      # the step's best plans whose loss is backpropagated into the knobs
+    lr: float = 0.1          # policy logits (Adam)
+    knob_lr: float = 0.05    # knobs, in units of their scale (policy.KNOB_SCALE)
+    entropy: float = 0.01    # entropy bonus on the policy
+    loss: str = "kl"         # kl (to the unreduced model's answer distribution) | ce (answer cross-entropy)
+    learn_knobs: bool = True
+    two_sites: bool = True
+    micro_batch: int = 0     # 0: the whole batch in one forward per plan
+    checkpoint_layers: bool | None = None  # activation checkpointing; None: on when it pays (see auto_checkpoint)
+    checkpoint_every: int = 20
+    grad_clip: float = 10.0  # max L2 norm of the architecture-state gradient per step (0: no clipping)
 
     def key(self, space: SearchSpace, n_text: float, n_train: int) -> str:
         """Fingerprint of everything that determines the trajectory (resume refuses a mismatch)."""
-        blob = json.dumps({"settings": {k: v for k, v in asdict(self).items() if k != "checkpoint_every"},
+        blob = json.dumps({"settings": {k: v for k, v in asdict(self).items()
+                                        if k not in ("checkpoint_every", "micro_batch", "checkpoint_layers")},
                            "space": space.to_dict(), "n_text": round(float(n_text), 6), "n_train": n_train},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def tau_at(s: SearchSettings, step: int) -> float:
-    """Exponential annealing tau_start -> tau_end over the steps."""
-    if s.steps <= 1:
-        return float(s.tau_end)
-    return float(s.tau_start * (s.tau_end / s.tau_start) ** (step / (s.steps - 1)))
+def auto_checkpoint(space: SearchSpace, device: torch.device) -> bool:
+    """Activation checkpointing pays where activations, not weights, bound memory: long visual segments
+    through many layers (LLaVA-1.5's 576 x 32), never on the toy backbone (144 x 8: it would only cost
+    the recomputation)."""
+    return space.n_visual * space.num_layers >= 4096
 
 
 # ---------------------------------------------------------------- processes
@@ -141,7 +149,6 @@ class Batches:
         return make_train_batch(self.processor, recs, imgs)
 
 
-
 def answer_terms(logits: torch.Tensor, target: torch.Tensor):
     """Of answer-position logits (B, W, V) and their targets (B, W; -100 = not an answer token):
     the summed answer-token CE, the number of answer tokens, and (B,) whether every answer token
@@ -152,129 +159,80 @@ def answer_terms(logits: torch.Tensor, target: torch.Tensor):
     return (ce * mask).sum(), mask.sum(), right
 
 
-def answer_losses(model, batch: dict, sites, kl_weight: float) -> dict:
-    """CE on the answer tokens of the soft forward (and KL to the unreduced model's answer
-    distribution when ``kl_weight > 0``). Returns ce, kl, acc (all answer tokens right) tensors."""
-    from ..patch.llava import soft_forward
+def _chunks(batch: dict, size: int) -> list[dict]:
+    n = batch["input_ids"].shape[0]
+    if size <= 0 or size >= n:
+        return [batch]
+    return [{k: (v[i:i + size] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v)
+             for k, v in batch.items()} for i in range(0, n, size)]
 
+
+def _forward_kw(batch: dict) -> tuple[dict, torch.Tensor, int]:
     labels = batch["labels"]
     width = int((labels != -100).sum(1).max()) + 1  # answer tokens + the position predicting the first
     kw = dict(attention_mask=batch["attention_mask"], pixel_values=batch.get("pixel_values"),
               position_ids=batch.get("position_ids"), logits_to_keep=width, query_index=batch.get("query_index"))
-    logits = soft_forward(model, batch["input_ids"], sites=sites, **kw)[:, :-1].float()
-    target = labels[:, -width + 1:]
+    return kw, labels[:, -width + 1:], width
+
+
+@torch.no_grad()
+def reference_logprobs(model, batch: dict, vision: dict | None = None) -> torch.Tensor:
+    """The unreduced model's answer-position log-probabilities (B, W, V): the KL's reference."""
+    from ..patch.llava import search_forward
+
+    kw, _, _ = _forward_kw(batch)
+    return search_forward(model, (), batch["input_ids"], vision=vision, **kw)[:, :-1].float().log_softmax(-1)
+
+
+def plan_losses(model, batch: dict, sites, ref: torch.Tensor | None, loss: str = "kl",
+                checkpoint: bool = False, vision: dict | None = None) -> torch.Tensor:
+    """Per-question loss (B,) of the hard plan ``sites`` on a teacher-forced batch: mean over answer
+    tokens of KL(reference || reduced) (``loss="kl"``, needs ``ref``) or of the answer CE."""
+    from ..patch.llava import search_forward
+
+    kw, target, _ = _forward_kw(batch)
+    logits = search_forward(model, sites, batch["input_ids"], checkpoint=checkpoint, vision=vision,
+                            **kw)[:, :-1].float()
+    lp = logits.log_softmax(-1)
     mask = target != -100
-    ce_sum, n_tokens, right = answer_terms(logits, target)
-    ce, right = ce_sum / n_tokens.clamp_min(1), right.float().mean()
-    kl = torch.zeros((), device=ce.device)
-    if kl_weight > 0:
-        with torch.no_grad():
-            ref = soft_forward(model, batch["input_ids"], sites=(), **kw)[:, :-1].float().log_softmax(-1)
-        lp = logits.log_softmax(-1)
-        kl = ((ref.exp() * (ref - lp)).sum(-1) * mask).sum() / mask.sum().clamp_min(1)
-    return {"ce": ce, "kl": kl, "acc": right}
+    if loss == "kl":
+        per_token = (ref.exp() * (ref - lp)).sum(-1)
+    else:
+        per_token = -lp.gather(-1, target.clamp_min(0)[..., None])[..., 0]
+    return (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    sd = opt.state_dict()
-    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for pid, st in sd["state"].items():
-        meta["state"][str(pid)] = {}
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{pid}.{k}"] = v
-                meta["state"][str(pid)][k] = "tensor"
-            else:
-                meta["state"][str(pid)][k] = v
-    return tensors, meta
-
-
-def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
-    state = {}
-    for pid, st in meta["state"].items():
-        state[int(pid)] = {k: (tensors[f"optim.{pid}.{k}"] if v == "tensor" else v) for k, v in st.items()}
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(out_dir: Path, state: ArchState, opt, meta: dict) -> None:
-    """The previous tensors moved aside (``CKPT_PREV``), the new tensors (safetensors) written, then
-    the JSON that names their step: every write atomic, the JSON the commit. Killed at any point, the
-    folder holds a JSON and a tensors file of the same step (the new pair, or the old one)."""
-    import os
-
-    from ..io import atomic_save_safetensors, atomic_write_json
-
-    d = Path(out_dir) / CKPT_DIR
-    otensors, ometa = _flatten_optimizer(opt)
-    tensors = {f"state.{k}": v for k, v in state.state_dict().items()}
-    tensors.update(otensors)
-    if (d / CKPT_TENSORS).exists() and (d / CKPT_META).exists():
-        os.replace(d / CKPT_TENSORS, d / CKPT_PREV)  # what the current JSON names, until the new JSON lands
-    atomic_save_safetensors(d / CKPT_TENSORS, tensors, metadata={"step": str(meta["step"])})
-    atomic_write_json(d / CKPT_META, {**meta, "optimizer": ometa})
-
-
-def load_checkpoint(out_dir: Path, state: ArchState, opt, key: str) -> dict | None:
-    """Restore state and optimizer from ``out_dir/checkpoint``; the meta dict, or None if absent."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    d = Path(out_dir) / CKPT_DIR
-    files = [d / n for n in (CKPT_TENSORS, CKPT_PREV) if (d / n).exists()]
-    if not (d / CKPT_META).exists() or not files:
-        return None
-    try:
-        meta = json.loads((d / CKPT_META).read_text())
-        steps = {}
-        for path in files:  # the tensors of the JSON's step: the current file, or the previous one when
-            with safe_open(str(path), "pt") as f:  # a kill fell between the new tensors and the new JSON
-                steps[path] = (f.metadata() or {}).get("step")
-        match = [path for path in files if steps[path] == str(meta.get("step"))]
-        tensors = load_file(str(match[0])) if match else None
-    except Exception as e:  # a damaged checkpoint is a user-facing problem, not a crash
-        raise UserError(f"the search checkpoint in {str(d)!r} cannot be read ({type(e).__name__}: {e}); delete "
-                        "that folder to start the search afresh, or run without resume=true.") from e
-    if tensors is None:
-        raise UserError(f"the search checkpoint in {str(d)!r} is inconsistent (JSON step {meta.get('step')}, "
-                        f"tensors step {', '.join(str(v) for v in steps.values())}); delete that folder to start "
-                        "afresh.")
-    if meta.get("key") != key:
-        raise UserError(f"resume=true found a search checkpoint in {str(d)!r} made with different settings "
-                        "(search.*, budget, seed, model or data differ): resume with the same configuration, "
-                        "or use a new run directory.")
-    state.load_state_dict({k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")})
-    opt.load_state_dict(_unflatten_optimizer(tensors, meta.pop("optimizer")))
-    return meta
+def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
+    """Advantages (M,): each reward against the mean of the others, divided by the rewards' spread
+    (identical plans or a single one: zeros)."""
+    m = rewards.numel()
+    if m < 2:
+        return torch.zeros_like(rewards)
+    base = (rewards.sum() - rewards) / (m - 1)
+    return (rewards - base) / (rewards.std() + 1e-6)
 
 
 # ---------------------------------------------------------------- progress
 
 class _Progress:
-    """A rich progress bar (main process only): loss, E[cost] vs budget, lambda_b, tau, ETA."""
+    """A rich progress bar (main process only): the plans' mean loss, the policy's current plan, ETA."""
 
-    def __init__(self, enabled: bool, total: int, start: int, budget: float):
+    def __init__(self, enabled: bool, total: int, start: int):
         self.p = None
         if not enabled:
             return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
-        self.p = Progress(
-            TextColumn("[bold]search[/]"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("E\\[cost] {task.fields[cost]}/{task.fields[budget]}"),
-            TextColumn("λ {task.fields[lam]}"), TextColumn("τ {task.fields[tau]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        )
+        self.p = Progress(TextColumn("[bold]search[/]"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("loss {task.fields[loss]}"), TextColumn("plan {task.fields[plan]}"),
+                          TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
         self.p.start()
-        self.task = self.p.add_task("search", total=total, completed=start, loss="-", cost="-",
-                                    budget=f"{budget:.2f}", lam="-", tau="-")
+        self.task = self.p.add_task("search", total=total, completed=start, loss="-", plan="-")
 
     def update(self, rec: dict):
         if self.p is not None:
-            self.p.update(self.task, completed=rec["step"] + 1, loss=f"{rec['loss']:.3f}",
-                          cost=f"{rec['cost']:.3f}", lam=f"{rec['lambda']:.2f}", tau=f"{rec['tau']:.2f}")
+            self.p.update(self.task, completed=rec["step"] + 1, loss=f"{rec['loss']:.3f}", plan=rec["mode"])
 
     def close(self):
         if self.p is not None:
@@ -338,40 +296,45 @@ class SearchResult:
     state: ArchState
     steps: int
     final_loss: float | None
-    lam: float
     resumed_from: int | None
     history: list = field(default_factory=list)  # the per-step records of this process's run
     seconds: float = 0.0
+    forwards: int = 0                            # reduced forwards (plans x batches) this run
 
 
-def search(model, processor, dataset, space: SearchSpace, settings: SearchSettings, n_text: float,
-           out_dir: str | Path | None = None, accelerator=None, resume: bool = False, progress: bool = True,
-           stop_after: int | None = None, on_step: Callable[[dict], None] | None = None,
-           hard_cost: Callable[[ArchState], float] | None = None) -> SearchResult:
-    """Run the search and return the trained state. ``out_dir``: where the log and checkpoints go
-    (None: nothing is written). ``stop_after``: stop after that many steps in total (simulates an
-    interruption; tests). ``hard_cost``: optional callable giving the current argmax plan's cost
-    (logged as ``cost_argmax``). The backbone is frozen here (requires_grad False)."""
+def first_site_feasibility(space: SearchSpace, planner: Planner) -> torch.Tensor:
+    """(S, |OPS|) bool: first-site choices that are allowed and meet the budget alone."""
+    from .space import OPS, Choice
+    from .policy import Knobs
+
+    k = Knobs()
+    return torch.tensor([[space.op_allowed(li, oi, 0) and planner.keep1(Choice(li, oi), k.floats) is not None
+                          for oi in range(len(OPS))] for li in range(len(space.layers))])
+
+
+def search(model, processor, dataset, space: SearchSpace, planner: Planner, settings: SearchSettings,
+           n_text: float, out_dir: str | Path | None = None, accelerator=None, resume: bool = False,
+           progress: bool = True, stop_after: int | None = None,
+           on_step: Callable[[dict, ArchState], None] | None = None) -> SearchResult:
+    """Run the search and return the trained state. ``out_dir``: where the log and checkpoints go (None:
+    nothing is written). ``stop_after``: stop after that many steps in total (simulates an interruption;
+    tests). ``on_step(record, state)``: called after every step (the benchmark tracks the policy's plan)."""
     procs = Procs(accelerator)
     model.requires_grad_(False)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    text_config = model.config.text_config
     torch.manual_seed(settings.seed)
-    state = ArchState(space).to(device)
-    if settings.init_keep is None:
-        init_keep_for_budget(state, text_config, n_text, settings.budget,
-                             tau_at(settings, 0) if settings.anneal_cost else 1.0)
-    else:
-        state.set_init_keep(settings.init_keep)
-    opt = torch.optim.Adam(state.parameters(), lr=settings.lr)
+    state = ArchState(space, first_site_feasibility(space, planner))
+    groups = [{"params": list(state.policy.parameters()), "lr": settings.lr},
+              {"params": list(state.knobs.parameters()), "lr": settings.knob_lr if settings.learn_knobs else 0.0}]
+    opt = torch.optim.Adam(groups)
     key = settings.key(space, n_text, len(dataset))
     out = Path(out_dir) if out_dir is not None else None
-    start, lam, last_loss, resumed = 0, float(settings.lambda_init), None, None
+    start, last_loss, resumed = 0, None, None
     if resume and out is not None:
         meta = load_checkpoint(out, state, opt, key)
         if meta is not None:
-            start, lam, last_loss, resumed = int(meta["step"]), float(meta["lambda"]), meta.get("final_loss"), int(meta["step"])
+            start, last_loss, resumed = int(meta["step"]), meta.get("final_loss"), int(meta["step"])
     log_path = out / LOG_NAME if out is not None else None
     if out is not None and procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -380,63 +343,76 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
             _truncate_log(log_path, start)
         elif log_path.exists():
             log_path.unlink()
+    ckpt_layers = settings.checkpoint_layers
+    if ckpt_layers is None:
+        ckpt_layers = auto_checkpoint(space, device)
     batches = Batches(dataset, processor, settings.batch_size, settings.seed, procs.rank, procs.world)
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
-    bar = _Progress(progress and procs.is_main and end > start, settings.steps, start, settings.budget)
-    history, t0 = [], time.time()
+    bar = _Progress(progress and procs.is_main and end > start, settings.steps, start)
+    history, t0, forwards = [], time.time(), 0
     current, last_ckpt = start, resumed  # for the messages of an interruption or a numerical fault
+    M = settings.plans_per_step
     try:
         for step in range(start, end):
-            current = step
-            ts = time.time()
-            tau = tau_at(settings, step)
-            sample = state.sample(step, tau, settings.seed, noise=settings.gumbel, hard=settings.straight_through)
-            sites = build_sites(state, sample, skip_identity=True)
-            batch = batches.get(step)
-            if batch is None:  # every image of this share failed to decode: contribute nothing
-                ce = kl = acc = torch.zeros((), device=device)
-                task = torch.zeros((), device=device)
-            else:
-                losses = answer_losses(model, to_device(batch, device, dtype), sites, settings.kl_weight)
-                ce, kl, acc = losses["ce"], losses["kl"], losses["acc"]
-                task = ce + settings.kl_weight * kl
-            cost = expected_cost_ratio(state, text_config, n_text, temperature=tau if settings.anneal_cost else 1.0)
-            active = step >= settings.warmup_steps
-            over = torch.relu(cost - settings.budget)
-            penalty = lam * over ** 2 if active else torch.zeros((), device=device)
-            loss = task + penalty
+            current, ts = step, time.time()
+            gen = torch.Generator().manual_seed(seed_for(settings.seed, step, POLICY_STREAM))
+            samples = [state.policy.sample(gen) for _ in range(M)]
             opt.zero_grad(set_to_none=False)
-            if loss.requires_grad:  # every site an identity this step and no budget term: nothing to learn
-                loss.backward()
-            for p in state.parameters():  # same shapes on every process, even for unused knobs
+            batch = batches.get(step)
+            losses = torch.zeros(M, dtype=torch.float64)
+            plans = [planner.hard_sites(s.choice, state.knobs.floats) for s in samples]
+            if batch is not None:  # None: every image of this share failed to decode; contribute nothing
+                n = batch["input_ids"].shape[0]
+                chunks = _chunks(to_device(batch, device, dtype), settings.micro_batch)
+                encoded = []
+                for chunk in chunks:
+                    vision = encode_images(model, chunk["pixel_values"])  # one vision pass for all plans
+                    ref = reference_logprobs(model, chunk, vision) if settings.loss == "kl" else None
+                    encoded.append((chunk, vision, ref))
+                    with torch.no_grad():  # every plan's loss: the policy's reward
+                        for j, sites in enumerate(plans):
+                            per_q = plan_losses(model, chunk, sites, ref, settings.loss, False, vision)
+                            losses[j] += float(per_q.sum()) / n
+                forwards += M * len(chunks)
+            procs.mean_([losses])  # every process now ranks the plans alike
+            if batch is not None and settings.learn_knobs:
+                # the knobs' gradient: backpropagated through the best plans of the step, the ones the
+                # policy moves towards (one plan's graph alive at a time)
+                for j in sorted(range(M), key=lambda j: (float(losses[j]), j))[:settings.knob_plans]:
+                    sites = planner.hard_sites(samples[j].choice, state.knobs.floats,
+                                               lambda s, r: state.knobs.value(s, r, device))
+                    for chunk, vision, ref in encoded:
+                        per_q = plan_losses(model, chunk, sites, ref, settings.loss, ckpt_layers, vision)
+                        (per_q.sum() / (n * settings.knob_plans)).backward()
+                        forwards += 1
+            # reward on a log scale: halving a plan's loss is worth the same at 0.01 as at 1 (the good plans'
+            # KLs are orders of magnitude below the bad ones', which would otherwise drown them)
+            adv = leave_one_out(-torch.log(losses + REWARD_FLOOR)).float()
+            logp = torch.stack([smp.log_prob for smp in samples])
+            (-(adv * logp).mean() - settings.entropy * state.policy.entropy()).backward()
+            for p in state.parameters():  # same shapes on every process, even for what this step left alone
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             grads = [p.grad for p in state.parameters()]
-            scalars = torch.stack([ce.detach(), kl.detach(), acc.detach()]).float()
-            procs.mean_(grads + [scalars])
+            procs.mean_(grads)
             grad_norm, grad_bad = clip_grads_(grads, settings.grad_clip)  # after the all-reduce: same everywhere
-            for what, value in (("task loss", float(scalars[0] + settings.kl_weight * scalars[1])),
-                                ("budget penalty", float(penalty.detach())), ("expected cost", float(cost.detach())),
-                                ("architecture-state gradient", grad_norm)):
+            for what, value in (("task loss", float(losses.mean())), ("architecture-state gradient", grad_norm)):
                 if not math.isfinite(value):
                     raise _numerical_error(what, value, step, settings, out, last_ckpt)
             opt.step()
             bad = [p.detach()[~torch.isfinite(p)] for p in state.parameters() if not bool(torch.isfinite(p).all())]
             if bad:
                 raise _numerical_error("architecture state", float(bad[0][0]), step, settings, out, last_ckpt)
-            ce_v, kl_v, acc_v = scalars.tolist()
-            cost_v = float(cost.detach())
-            with torch.no_grad():  # the relaxation gap, logged: E[cost] at T=1 and the argmax plan's cost
-                cost_p = float(expected_cost_ratio(state, text_config, n_text))
-            cost_hard = hard_cost(state) if hard_cost is not None else None
-            loss_v = ce_v + settings.kl_weight * kl_v + (lam * max(0.0, cost_v - settings.budget) ** 2 if active else 0.0)
-            rec = {"step": step, "loss": loss_v, "ce": ce_v, "kl": kl_v, "penalty": float(penalty.detach()),
-                   "cost": cost_v, "cost_t1": cost_p, "cost_argmax": cost_hard, "budget": settings.budget,
-                   "lambda": lam, "tau": tau, "train_acc": acc_v, "grad_norm": grad_norm, "grad_nonfinite": grad_bad,
-                   "step_s": round(time.time() - ts, 4)}
-            if active:  # dual ascent on the budget multiplier while the constraint is violated
-                lam = lam + settings.dual_lr * max(0.0, cost_v - settings.budget)
-            last_loss = loss_v
+            state.knobs.project_()
+            mode = state.policy.mode()
+            mode_plan = planner.plan(mode, state.knobs.floats)
+            rec = {"step": step, "loss": float(losses.mean()), "best": float(losses.min()),
+                   "plans": [describe(s.choice, space) for s in samples], "losses": [round(float(x), 5) for x in losses],
+                   "mode": describe(mode, space), "mode_keep": [s.keep for s in mode_plan.sites],
+                   "mode_cost": round(mode_plan.cost["flops_ratio"], 5),
+                   "entropy": round(float(state.policy.entropy().detach()), 4), "knobs": state.knobs.to_dict(),
+                   "grad_norm": grad_norm, "grad_nonfinite": grad_bad, "step_s": round(time.time() - ts, 4)}
+            last_loss = rec["loss"]
             history.append(rec)
             if procs.is_main:
                 if log_path is not None:
@@ -444,10 +420,10 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
                         f.write(json.dumps(rec) + "\n")
                 bar.update(rec)
             if on_step is not None:
-                on_step(rec)
+                on_step(rec, state)
             done = step + 1
             if out is not None and procs.is_main and (done % settings.checkpoint_every == 0 or done == settings.steps):
-                save_checkpoint(out, state, opt, {"step": done, "lambda": lam, "final_loss": last_loss, "key": key,
+                save_checkpoint(out, state, opt, {"step": done, "final_loss": last_loss, "key": key,
                                                   "space": space.to_dict(), "settings": asdict(settings)})
                 last_ckpt = done
     except KeyboardInterrupt:
@@ -456,8 +432,8 @@ def search(model, processor, dataset, space: SearchSpace, settings: SearchSettin
     finally:
         bar.close()
     procs.wait()
-    return SearchResult(state=state, steps=end, final_loss=last_loss, lam=lam, resumed_from=resumed,
-                        history=history, seconds=time.time() - t0)
+    return SearchResult(state=state, steps=end, final_loss=last_loss, resumed_from=resumed, history=history,
+                        seconds=time.time() - t0, forwards=forwards)
 
 
 # ---------------------------------------------------------------- validation (model selection)

@@ -74,13 +74,13 @@ class SearchConfig:
     """The search (search/loop.py; docs/DESIGN.md section 3). Defaults sized for the toy backbone on 2 CPU
     cores (the 3-minute default command); ``search=thorough`` is the longer preset for GPUs."""
 
-    steps: int = 40
+    steps: int = 100
     batch_size: int = 8  # questions per step, shared by the step's plans
     plans_per_step: int = 8  # hard plans drawn from the policy per step (leave-one-out baseline)
     knob_plans: int = 2  # the step's best plans whose loss is backpropagated into the knobs
-    lr: float = 0.1  # policy logits (Adam)
-    knob_lr: float = 0.05  # continuous knobs, in units of their scale
-    entropy: float = 0.01  # entropy bonus on the policy
+    lr: float = 0.15  # policy logits (Adam)
+    knob_lr: float = 0.005  # continuous knobs, in units of their scale (policy.KNOB_SCALE)
+    entropy: float = 0.02  # entropy bonus on the policy
     loss: str = "kl"  # kl: to the unreduced model's answer distribution | ce: answer cross-entropy
     learn_knobs: bool = True  # false: the named regimes' exact knobs throughout
     two_sites: bool = True  # plans of one or two sites (false: one)

@@ -1,4 +1,4 @@
-"""Analytic LLM prefill FLOPs (DESIGN section 4), from the text config alone (works on the meta
+"""Analytic LLM prefill FLOPs (docs/DESIGN.md section 4), from the text config alone (works on the meta
 device, no weights).
 
 Counting convention: 2 FLOPs per multiply-add, matmuls only (as ``torch.utils.flop_counter``
@@ -116,7 +116,7 @@ def plan_cost(text_config, plan, n_visual: int | None = None, n_text: float = 0.
 
     Returns flops_ratio, flops, flops_full, overhead_flops, visual_tokens_per_layer (tokens
     entering each decoder layer), avg_visual_tokens (their layer average: the FLOPs-equivalent
-    count some papers report, DESIGN section 4), entering_tokens (visual tokens entering the LLM),
+    count some papers report, docs/DESIGN.md section 4), entering_tokens (visual tokens entering the LLM),
     n_visual, n_text."""
     g = dims(text_config)
     L = g["L"]

@@ -274,7 +274,7 @@ def mean_prompt_text_tokens(processor, dataset, indices=None) -> float:
 
 def plan_cost(model, plan, n_visual: int, n_text: float) -> dict:
     """FLOPs ratio at ``n_text`` text tokens, and the visual tokens entering every decoder layer
-    with their layer average (both conventions of DESIGN section 4). ``plan`` None = unreduced."""
+    with their layer average (both conventions of docs/DESIGN.md section 4). ``plan`` None = unreduced."""
     from .cost import plan_cost as _plan_cost
 
     return dict(_plan_cost(model.config.text_config, plan, n_visual, n_text))
@@ -468,7 +468,7 @@ def _summarise(model, processor, plan, plan_dict, dataset, answers, errors, metr
         "n_questions": len(dataset),
         "per_type": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(per_type.items())},
         "flops_ratio": float(cost["flops_ratio"]),
-        # DESIGN section 4: tokens entering the LLM (first layer) and the layer average, both named.
+        # docs/DESIGN.md section 4: tokens entering the LLM (first layer) and the layer average, both named.
         "visual_tokens": {
             "image": n_visual,
             "llm_input": per_layer[0] if per_layer else n_visual,

@@ -1,4 +1,4 @@
-"""Plans: what to reduce where, as versioned JSON (DESIGN section 5, ``diffopsearch.plan/1``).
+"""Plans: what to reduce where, as versioned JSON (docs/DESIGN.md section 5, ``diffopsearch.plan/1``).
 
 A plan is a list of sites (:class:`Site`) in increasing layer order plus the backbone it was made
 for. Everything is validated before any model work: :func:`load_plan` / :meth:`Plan.from_dict`

@@ -14,7 +14,7 @@ What it reads (``collect``):
 What it writes (into ``report.out``, default DIR), each atomically:
 
 - ``report.md``: one row per (method, budget, run): accuracy, per-type accuracy, FLOPs ratio, latency
-  ratio, prefill ms per sample, throughput, visual tokens (LLM input / layer average, DESIGN section 4,
+  ratio, prefill ms per sample, throughput, visual tokens (LLM input / layer average, docs/DESIGN.md section 4,
   and per layer), then the searched plans' sites, the failed jobs and the files that were skipped.
 - ``pareto.png``: accuracy against FLOPs ratio (one line per method, searched plans highlighted) and
   accuracy against measured latency.
@@ -332,7 +332,7 @@ def markdown(rows: list[Row], failed: list[dict], skipped: list[dict], root: str
               "- accuracy: the data set's metric on the evaluated questions (n); per-type columns: GQA structural "
               "type, VQAv2 answer type, or the toy world's question family.",
               "- FLOPs ratio: analytic LLM prefill FLOPs relative to the unreduced model on the same prompts, "
-              "the operator's own overhead included (DESIGN section 4).",
+              "the operator's own overhead included (docs/DESIGN.md section 4).",
               "- latency ratio: median measured prefill time per sample (vision tower, reduction and decoder) "
               "divided by that of the unreduced run (`none`) of the same model, data, device and batch size in this "
               "collection; blank where there is none.",

@@ -3,7 +3,7 @@
 What the plan does in words (each site: the layer, how many visual tokens it keeps, the named
 regime it matches - fastv, random, prune, tome, pool, prumerge, visionzip, merge, reweight - or
 "hybrid" with its knobs), a per-layer bar chart of the visual tokens entering each decoder layer,
-its cost in both conventions of DESIGN section 4 (FLOPs ratio; LLM-input tokens and the
+its cost in both conventions of docs/DESIGN.md section 4 (FLOPs ratio; LLM-input tokens and the
 layer-averaged equivalent), and where it was evaluated: the ``results.json`` beside the plan, when
 there is one (accuracy, data set and split, per-type accuracy, measured latency).
 
@@ -20,13 +20,16 @@ from pathlib import Path
 from .errors import UserError
 
 BAR_WIDTH = 40
+# A searched site whose learned knobs stay this close to a named regime's is named after it (the search
+# starts its knobs at the regimes' values, "large" = 50, and moves them a little).
+NEAR, LARGE = 0.05, 20.0
 
 
 # ---------------------------------------------------------------------------------- regimes
 
 def _named_sites() -> dict:
     """Named regime -> a site of it at layer 0 / keep 0 (only the knobs are compared). The published
-    baselines' own site makers, and DESIGN section 2's prune / merge regimes."""
+    baselines' own site makers, and docs/DESIGN.md section 2's prune / merge regimes."""
     from .baselines import fastv_site, pool_site, prumerge_site, random_site, visionzip_site
     from .plan import Site
 
@@ -48,11 +51,14 @@ def regime(site, n_in: int) -> str:
     for name, named in _named_sites().items():
         if knobs == named:
             return name
-    if site.anchors == "topk" and site.merge == 0 and site.reweight == 0:
-        return "prune"  # FastV's operator with another score (norm / cls)
-    if (site.anchors == "topk" and site.merge == 1 and math.isinf(site.sharpness) and site.locality == 0
-            and site.reweight == 1):
-        return "merge"  # DESIGN's PruMerge-like merge: every dropped token into its most similar anchor
+    if site.anchors == "topk" and site.merge <= NEAR and site.reweight <= NEAR:
+        return "prune"  # FastV's operator with another score (norm / cls); a learned merge of a few % included
+    if (site.anchors == "topk" and site.merge >= 1 - NEAR and site.sharpness >= LARGE and site.locality <= NEAR
+            and site.reweight >= 1 - NEAR):
+        return "merge"  # the PruMerge-like merge: every dropped token into its most similar anchor
+    if (site.anchors == "grid" and site.merge >= 1 - NEAR and site.sharpness <= NEAR and site.locality >= LARGE
+            and site.reweight <= NEAR):
+        return "pool"
     return "hybrid"
 
 
@@ -168,6 +174,16 @@ def card(plan, plan_file: Path, results: dict | None = None, note: str | None = 
             bits.append(f"chosen ({chosen}) among {len(sel['candidates'])} candidate plans on {sel['questions']} "
                         f"held-out search questions{screen}")
         console.print("searched: " + ", ".join(bits))
+        grad = s.get("gradient_plan")
+        if sel and grad:
+            if sel.get("gradient_plan_won"):
+                console.print(f"The gradient phase's own plan ({grad['choice']}) won the selection: this plan is it.")
+            else:
+                console.print(f"Selection replaced the gradient phase's own plan ({grad['choice']}, held-out CE "
+                              f"{_num(sel['candidates'][0].get('ce'))}) by {chosen} (held-out CE "
+                              f"{_num(sel['candidates'][sel['chosen']].get('ce'))}).")
+        elif grad:
+            console.print(f"This is the gradient phase's own plan ({grad['choice']}); no selection ran.")
 
     # -- in words
     console.print()

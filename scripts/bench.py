@@ -100,7 +100,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.figure = Path(a.figure) if a.figure else Path(a.out).resolve().parent / "docs" / "benchmarks_pareto.png"
     a.max_new_tokens = 2 if q else 16
     a.search_overrides = (["search.steps=2", "search.train_limit=16", "search.batch_size=4",
-                           "search.checkpoint_every=1", "search.warmup_steps=1"] if q else []) + list(a.search)
+                           "search.checkpoint_every=1", "search.plans_per_step=2"] if q else []) + list(a.search)
     for b in a.budgets:
         if not 0 < b <= 1:
             raise UserError(f"--budgets: {b} is not a FLOPs budget in (0, 1]")
@@ -266,6 +266,19 @@ class _Timers:
     def __init__(self):
         self.op = 0.0
         self.vision = 0.0
+
+
+def kept_sections(path) -> str:
+    """The sections other scripts write into the same file between ``<!-- NAME:begin -->`` and
+    ``<!-- NAME:end -->`` (scripts/bench_search.py, scripts/real_size.py): kept, in their order."""
+    import re
+
+    p = Path(path)
+    text = p.read_text() if p.exists() else ""
+    blocks = re.findall(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", text, flags=re.S)
+    out = [re.search(rf"<!-- {re.escape(n)}:begin -->.*?<!-- {re.escape(n)}:end -->", text, flags=re.S).group(0)
+           for n in blocks]
+    return "".join("\n" + b + "\n" for b in out)
 
 
 @contextlib.contextmanager
@@ -655,7 +668,7 @@ def document(a, argv, info, model_desc, dataset_desc, evals, searches, latency, 
                          f"{'yes' if met else 'no'} | {x['decoder_ratio']:.3f} | {_pct(x['op_share'], 2)} | "
                          f"{_pct(x['op_share_decoder'], 2)} | {x['ms_per_batch']:.1f} |")
         L.append("")
-    L += ["The FLOPs ratio counts the LLM decoder only (DESIGN section 4); the measured prefill also runs the "
+    L += ["The FLOPs ratio counts the LLM decoder only (docs/DESIGN.md section 4); the measured prefill also runs the "
           "vision tower, which no plan shortens, and Python overhead per layer that does not shrink with the "
           "sequence. The decoder-only column subtracts the vision tower's measured time on both sides.", ""]
 
@@ -823,7 +836,7 @@ def _main(a, argv) -> int:
         for r in by_b.values())
     text = document(a, argv, machine_info(latency.get("device", "cpu")), model_desc, dataset_desc, evals, searches,
                     latency, projections, total, rss)
-    atomic_write_text(a.out, text + "\n")
+    atomic_write_text(a.out, text + "\n" + kept_sections(a.out))
     _log(f"wrote {a.out} (this invocation {time.perf_counter() - t_start:.0f} s; all phases {total:.0f} s)")
     return 0
 

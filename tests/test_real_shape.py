@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
-
 import pytest
 
 import real_shape as rs  # tests/real_shape.py
@@ -202,13 +200,15 @@ def test_search_show_report_at_the_real_shape(real, tmp_path, capsys):
     model_cfg = rs.build_model().config
     seven_b_checks(plan, plan["search"]["n_text"], plan["cost"], model_cfg)
     seven_b_checks(plan, results["mean_text_tokens"],
-                   {"flops_ratio": results["flops_ratio"], "visual_tokens_per_layer": results["visual_tokens"]["per_layer"]},
+                   {"flops_ratio": results["flops_ratio"],
+                    "visual_tokens_per_layer": results["visual_tokens"]["per_layer"]},
                    model_cfg)
     # every candidate the selection scored (the policy's plans and the corners at all 32 layers) is a plan
     # of the budget
     rows = plan["search"]["selection"]["candidates"]
     assert sum(r["origin"].startswith("corner") for r in rows) > 100
-    assert {int(r["sites"][0].split(":")[0][1:]) for r in rows if r["origin"].startswith("corner")} >= {0, 1, 8, 12}  # a cut after layer 15 cannot reach half the FLOPs
+    corner_layers = {int(r["sites"][0].split(":")[0][1:]) for r in rows if r["origin"].startswith("corner")}
+    assert corner_layers >= {0, 1, 8, 12}  # a cut after layer 15 cannot reach half the FLOPs
     for row in rows:
         assert row["flops_ratio"] <= BUDGET + 1e-9
 
@@ -289,3 +289,39 @@ def test_lmms_eval_generate_until_at_the_real_shape(real, tmp_path):
     want = {json.loads(line)["qid"]: json.loads(line)["prediction"]
             for line in open(tmp_path / "eval" / ev.CACHE_NAME)}
     assert got == [want[r["id"]] for r in recs]
+
+
+def test_one_loop_step_is_the_same_with_checkpointing_and_micro_batches(real):
+    """``search.checkpoint_layers`` and ``search.micro_batch`` change memory, not results: one step of the loop
+    itself gives the same plan losses and the same policy / knob gradients at the real shape."""
+    import dataclasses
+
+    import torch
+
+    from diffopsearch.backbone.load import load_backbone
+    from diffopsearch.data.datasets import load_qa
+    from diffopsearch.evaluate import mean_prompt_text_tokens
+    from diffopsearch.plan import backbone_info
+    from diffopsearch.search.loop import SearchSettings, search
+    from diffopsearch.search.space import Planner, make_space
+
+    model, processor = load_backbone(str(real[0]), dtype="float32", device="cpu")
+    train = load_qa("toy", str(real[1]), "train")
+    space = make_space(model.config)
+    n_text = mean_prompt_text_tokens(processor, train)
+    planner = Planner(space, backbone_info(model.config), BUDGET, model.config.text_config, n_text)
+    base = SearchSettings(budget=BUDGET, steps=1, batch_size=4, plans_per_step=2, knob_plans=1,
+                          checkpoint_layers=False, micro_batch=0, grad_clip=0.0)
+
+    def step(**kw):
+        res = search(model, processor, train, space, planner, dataclasses.replace(base, **kw), n_text, progress=False)
+        return res.history[0]["losses"], [p.grad.clone() for p in res.state.parameters()]
+
+    losses, grads = step()
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+    variants = [dict(checkpoint_layers=True), dict(checkpoint_layers=True, micro_batch=2), dict(micro_batch=1)]
+    for kw in variants:
+        other_losses, other_grads = step(**kw)
+        assert other_losses == pytest.approx(losses, rel=1e-4, abs=1e-6), kw
+        for g, h in zip(grads, other_grads):
+            torch.testing.assert_close(h, g, rtol=1e-4, atol=1e-6, msg=lambda m, kw=kw: f"{kw}: {m}")

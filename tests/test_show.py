@@ -163,3 +163,23 @@ def test_help_and_cfg(capsys):
     assert code == 0 and "ckpt=PATH" in out
     code, out, _ = run_show(capsys, "--cfg", "job", "ckpt=x")
     assert code == 0 and "ckpt: x" in out
+
+
+def test_learned_knobs_near_a_regime_are_named_after_it_and_the_selection_is_told(capsys, tmp_path):
+    near_merge = Site(layer=0, keep=47, score="cls", merge=0.98, sharpness=49.3, locality=0.02, reweight=1.0)
+    assert sh.regime(near_merge, 144) == "merge"
+    assert sh.regime(Site(layer=0, keep=47, score="cls", merge=0.04, sharpness=50.0), 144) == "prune"
+    assert sh.regime(Site(layer=0, keep=47, score="cls", merge=0.8, sharpness=49.3, reweight=1.0), 144) == "hybrid"
+    table = [{"origin": "gradient", "ce": 0.12}, {"origin": "corner merge/cls@L0", "ce": 0.08}]
+    for won, needle in ((False, "Selection replaced the gradient phase's own plan (merge/cls@L0, held-out CE 0.12) "
+                                "by corner merge/cls@L0 (held-out CE 0.08)"),
+                        (True, "The gradient phase's own plan (merge/cls@L0) won the selection")):
+        sel = {"questions": 384, "chosen": 0 if won else 1, "gradient_plan_won": won, "candidates": table,
+               "screen_questions": None}
+        plan = Plan(sites=[near_merge], backbone={"name": "toy", "num_layers": 8, "visual_tokens": 144, "grid": [12, 12]},
+                    budget=0.4, method="search",
+                    search={"steps": 3, "seed": 0, "selection": sel, "gradient_plan": {"choice": "merge/cls@L0"}})
+        plan.save(tmp_path / "plan.json")
+        code, out, err = run_show(capsys, f"ckpt={tmp_path / 'plan.json'}")
+        assert code == 0, err
+        assert needle in " ".join(out.split())

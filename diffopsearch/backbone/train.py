@@ -1,6 +1,6 @@
 """Training recipe of the shipped toy backbone (scripts/train_toy.py runs it).
 
-Why it looks like this (DESIGN section 6: a small LLaVA trained from scratch on 2 cores tends to
+Why it looks like this (docs/DESIGN.md section 6: a small LLaVA trained from scratch on 2 cores tends to
 sit at the answer prior, because binding question words to image regions is hard):
 
 * one object per patch, so each object is one meaningful visual token;
@@ -219,7 +219,7 @@ class _QK:
 def attention_loss(model, qk: _QK, batch: Batch, at: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Attention supervision: at query positions ``at`` (N, 2), head 0 (head 1) of the captured layer
     should attend with the distribution ``target[:, 0]`` (``target[:, 1]``) over the sequence (N, 2, T).
-    It teaches the lookups that small models trained from scratch fail to find by themselves (DESIGN
+    It teaches the lookups that small models trained from scratch fail to find by themselves (docs/DESIGN.md
     section 6); the heads stay ordinary Llama heads, so nothing of this is needed at inference."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 

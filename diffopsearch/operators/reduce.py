@@ -1,4 +1,4 @@
-"""The five-knob reduction operator of DESIGN section 2. Pure batched tensor maths.
+"""The five-knob reduction operator of docs/DESIGN.md section 2. Pure batched tensor maths.
 
 Inputs at a site (the visual segment only): x (B, n, d) hidden states, keys (B, n, c) the
 similarity metric (patch/llava.py passes the previous layer's keys averaged over kv heads, as ToMe
@@ -31,7 +31,7 @@ Merge: a dropped token j is shared among the receiving anchors i by
 anchor; lambda = inf: nearest anchor, it wins if both are inf; both 0: evenly). Output
 ``y_i = (s_i V_i + mu sum_j P_ij s_j V_j) / (s_i + mu sum_j P_ij s_j)``, new size
 ``s_i + mu sum_j P_ij s_j`` (size-weighted, so stacked merges stay true averages; with all sizes 1
-this is DESIGN's formula). Reweight: the key bias ``rho * log(size)`` (:func:`key_bias`,
+this is docs/DESIGN.md's formula). Reweight: the key bias ``rho * log(size)`` (:func:`key_bias`,
 ``Reduced.bias``), which the forward adds to these tokens' attention logits in all later layers.
 Across stacked sites the bias is of the token's *current* cumulative size, never a sum of the
 sites' biases (patch/llava.py, ``reweight_after``).

@@ -1,4 +1,4 @@
-"""Importance scores of visual tokens (DESIGN section 2, knob 1). Pure, batched, no model.
+"""Importance scores of visual tokens (docs/DESIGN.md section 2, knob 1). Pure, batched, no model.
 
 - ``attn``   (FastV): attention that the last prompt token pays to each visual token in one decoder
   layer, softmax over every key that query sees, mean over heads. Computed as a small separate

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..config import SearchConfig
 from ..errors import Interrupted, NumericalError, UserError
 from ..evaluate import to_device
 from ..patch.llava import encode_images
@@ -55,26 +56,29 @@ def seed_for(seed: int, step: int, stream: int) -> int:
     return x & ((1 << 63) - 1)
 
 
+_SCHEMA = SearchConfig()  # every default is defined once, in the schema (config.py)
+
+
 @dataclass
 class SearchSettings:
-    """What the loop needs (the schema's ``search`` fields, ``budget``, ``seed``); defaults in config.py."""
+    """What the loop needs: the schema's ``search`` fields that shape the trajectory, ``budget``, ``seed``."""
 
     budget: float = 0.6
     seed: int = 0
-    steps: int = 40
-    batch_size: int = 8
-    plans_per_step: int = 8
-    knob_plans: int = 2      # the step's best plans whose loss is backpropagated into the knobs
-    lr: float = 0.1          # policy logits (Adam)
-    knob_lr: float = 0.05    # knobs, in units of their scale (policy.KNOB_SCALE)
-    entropy: float = 0.01    # entropy bonus on the policy
-    loss: str = "kl"         # kl (to the unreduced model's answer distribution) | ce (answer cross-entropy)
-    learn_knobs: bool = True
-    two_sites: bool = True
-    micro_batch: int = 0     # 0: the whole batch in one forward per plan
-    checkpoint_layers: bool | None = None  # activation checkpointing; None: on when it pays (see auto_checkpoint)
-    checkpoint_every: int = 20
-    grad_clip: float = 10.0  # max L2 norm of the architecture-state gradient per step (0: no clipping)
+    steps: int = _SCHEMA.steps
+    batch_size: int = _SCHEMA.batch_size
+    plans_per_step: int = _SCHEMA.plans_per_step
+    knob_plans: int = _SCHEMA.knob_plans
+    lr: float = _SCHEMA.lr
+    knob_lr: float = _SCHEMA.knob_lr
+    entropy: float = _SCHEMA.entropy
+    loss: str = _SCHEMA.loss
+    learn_knobs: bool = _SCHEMA.learn_knobs
+    two_sites: bool = _SCHEMA.two_sites
+    micro_batch: int = _SCHEMA.micro_batch
+    checkpoint_layers: bool | None = _SCHEMA.checkpoint_layers
+    checkpoint_every: int = _SCHEMA.checkpoint_every
+    grad_clip: float = _SCHEMA.grad_clip
 
     def key(self, space: SearchSpace, n_text: float, n_train: int) -> str:
         """Fingerprint of everything that determines the trajectory (resume refuses a mismatch)."""
@@ -379,9 +383,9 @@ def search(model, processor, dataset, space: SearchSpace, planner: Planner, sett
                 # the knobs' gradient: backpropagated through the best plans of the step, the ones the
                 # policy moves towards (one plan's graph alive at a time)
                 for j in sorted(range(M), key=lambda j: (float(losses[j]), j))[:settings.knob_plans]:
-                    sites = planner.hard_sites(samples[j].choice, state.knobs.floats,
-                                               lambda s, r: state.knobs.value(s, r, device))
-                    for chunk, vision, ref in encoded:
+                    for chunk, vision, ref in encoded:  # sites per chunk: each backward frees its graph
+                        sites = planner.hard_sites(samples[j].choice, state.knobs.floats,
+                                                   lambda s, r: state.knobs.value(s, r, device))
                         per_q = plan_losses(model, chunk, sites, ref, settings.loss, ckpt_layers, vision)
                         (per_q.sum() / (n * settings.knob_plans)).backward()
                         forwards += 1

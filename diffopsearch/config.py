@@ -74,7 +74,7 @@ class SearchConfig:
     """The search (search/loop.py; docs/DESIGN.md section 3). Defaults sized for the toy backbone on 2 CPU
     cores (the 3-minute default command); ``search=thorough`` is the longer preset for GPUs."""
 
-    steps: int = 100
+    steps: int = 80
     batch_size: int = 8  # questions per step, shared by the step's plans
     plans_per_step: int = 8  # hard plans drawn from the policy per step (leave-one-out baseline)
     knob_plans: int = 2  # the step's best plans whose loss is backpropagated into the knobs

@@ -25,3 +25,13 @@ def offline_hub():
         for key, value in OFFLINE_ENV.items():
             mp.setenv(key, value)
         yield
+
+
+@pytest.fixture
+def clean_cli_env(monkeypatch, tmp_path):
+    """For tests that run the CLI in-process: no inherited debugging or launcher variables, and the
+    working directory is the test's own folder (where Hydra's outputs/ and multirun/ land)."""
+    for key in ("HYDRA_FULL_ERROR", "DIFFOPSEARCH_TRACEBACK", "DIFFOPSEARCH_LAUNCHED", "LOCAL_RANK", "RANK",
+                "TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)

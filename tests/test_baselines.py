@@ -254,6 +254,10 @@ def test_random_pruning_is_seeded_and_uniform():
         hits[out.index[0]] += 1
         torch.testing.assert_close(out.x[0], x[0, out.index[0]])
     a = hard_reduce(x, keys, random_scores((1, N), 3), pos, coords, None, site).index
+    b = hard_reduce(x, keys, random_scores((1, N), 4), pos, coords, None, site).index
+    # seeded: one seed, one set of kept tokens (a fresh draw of seed 3 keeps what seed 3 kept); another
+    # seed keeps another set
     assert torch.equal(a, hard_reduce(x, keys, random_scores((1, N), 3), pos, coords, None, site).index)
+    assert not torch.equal(a, b)
     p = site.keep / N  # every token kept with the same probability
     assert float(((hits / 300 - p).abs()).max()) < 5 * math.sqrt(p * (1 - p) / 300)

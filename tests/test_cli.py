@@ -23,12 +23,7 @@ from diffopsearch.errors import UserError
 REPO = Path(diffopsearch.__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch, tmp_path):
-    for key in ("HYDRA_FULL_ERROR", "DIFFOPSEARCH_TRACEBACK", "DIFFOPSEARCH_LAUNCHED", "LOCAL_RANK", "RANK",
-                "TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.chdir(tmp_path)  # Hydra's outputs/ and multirun/ land in the test's own folder
+pytestmark = pytest.mark.usefixtures("clean_cli_env")  # tests/conftest.py
 
 
 @pytest.fixture

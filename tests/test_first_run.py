@@ -20,12 +20,7 @@ from diffopsearch import cli
 from test_cli import bodies, run_cli  # noqa: F401  (the fake-bodies fixture, the in-process runner)
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch, tmp_path):
-    for key in ("HYDRA_FULL_ERROR", "DIFFOPSEARCH_TRACEBACK", "DIFFOPSEARCH_LAUNCHED", "LOCAL_RANK", "RANK",
-                "TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("clean_cli_env")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

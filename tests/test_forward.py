@@ -390,7 +390,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
                                position_ids=pos, checkpoint=ckpt)
         loss = out[:, -1].logsumexp(-1).sum()
         loss.backward()
-        grads.append((float(loss), float(s.merge.grad), float(s.sharpness.grad), float(s.reweight.grad)))
+        grads.append((float(loss.detach()), float(s.merge.grad), float(s.sharpness.grad), float(s.reweight.grad)))
     assert grads[0] == pytest.approx(grads[1], rel=1e-5, abs=1e-7)
 
 
@@ -455,3 +455,19 @@ def test_hard_plan_really_cuts_flops():
     fastv_overhead = B * 2 * cfg.num_attention_heads * T * (cfg.hidden_size // cfg.num_attention_heads)
     assert full - red == expected_saving - fastv_overhead
     assert red / full < 0.8
+
+
+def test_the_reduced_forward_uses_no_deprecated_transformers_argument():
+    """Deprecation warnings are errors here: the next rename in transformers fails in CI, not at a user's."""
+    import warnings
+
+    m = tiny()
+    inputs, pos = batch(m)
+    sites = [site(1, 18, "attn", merge=1.0, sharpness=4.0, reweight=1.0), site(3, 6, "norm")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        with torch.no_grad():
+            reduced(m, sites).generate(**inputs, max_new_tokens=3, do_sample=False)
+            P.search_forward(m, sites, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                             position_ids=pos)

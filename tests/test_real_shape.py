@@ -31,18 +31,12 @@ import pytest
 import real_shape as rs  # tests/real_shape.py
 from diffopsearch import cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_cli_env")]  # fixture: tests/conftest.py
 
 BUDGET = 0.5
 BASELINES = ("none", "fastv", "tome", "pool", "prumerge", "visionzip", "random")
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch, tmp_path):
-    for key in ("HYDRA_FULL_ERROR", "DIFFOPSEARCH_TRACEBACK", "DIFFOPSEARCH_LAUNCHED", "LOCAL_RANK", "RANK",
-                "TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")

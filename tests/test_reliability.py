@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fixtures as fx  # tests/fixtures.py
-from test_cli import _clean_env, run_cli  # noqa: F401  (the autouse env / cwd fixture, the in-process runner)
+from test_cli import run_cli  # the in-process runner
 from test_search import _tiny_model_dir, tiny4  # noqa: F401  (tiny4: the 4-layer tiny LLaVA fixture)
 
 from diffopsearch import evaluate as ev
@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "diffopsearch"
 
 # A search of a few steps on the tiny model and a small toy world; the eval of its plan is 2 questions.
+pytestmark = pytest.mark.usefixtures("clean_cli_env")  # tests/conftest.py
+
 SEARCH_ARGS = ["budget=0.6", "limit=2", "batch_size=2", "max_new_tokens=2", "search.steps=4", "search.batch_size=2",
                "search.plans_per_step=2", "search.knob_plans=1", "search.checkpoint_every=2",
                "search.candidate_layers=[1,2]", "search.select_samples=2", "model.device=cpu", "dataset=toy"]
@@ -448,6 +450,32 @@ def test_ctrl_c_in_a_search_stops_cleanly_and_says_how_to_resume(capsys, monkeyp
                              f"resume=true (same hydra.run.dir='{run}') to continue from the last checkpoint")
     assert json.loads((run / ck.CKPT_DIR / ck.CKPT_META).read_text())["step"] == 2
     assert not (run / "plan.json").exists()
+
+
+@pytest.mark.parametrize("where", ["selection", "final eval"])
+def test_ctrl_c_during_selection_or_the_final_eval_resumes_to_the_same_plan(capsys, monkeypatch, tmp_path, assets,
+                                                                             where):
+    """After the last step: a kill while selection scores the candidates, or while the searched plan is
+    evaluated, then ``resume=true`` in the same run dir: the same plan.json (but its ``run`` record) as a
+    run never interrupted, and complete results."""
+    args = [*SEARCH_ARGS, f"model.path={assets.model}", f"dataset.path={assets.world}"]
+    straight = tmp_path / "straight"
+    assert run_cli(capsys, "search", *args, f"hydra.run.dir={straight}")[0] == 0
+    run = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        if where == "selection":
+            _interrupt_on_call(mp, loop, "plan_scores", 2)
+        else:
+            _interrupt_on_call(mp, ev, "generate_answers", 1)
+        code, _, err = run_cli(capsys, "search", *args, f"hydra.run.dir={run}")
+    assert code == 130 and "Traceback" not in err and "resume=true" in _message(err)
+    assert json.loads((run / ck.CKPT_DIR / ck.CKPT_META).read_text())["step"] == 4  # training was done
+    assert run_cli(capsys, "search", *args, f"hydra.run.dir={run}", "resume=true")[0] == 0
+    a, b = (json.loads((d / "plan.json").read_text()) for d in (straight, run))
+    assert {k: v for k, v in a.items() if k != "run"} == {k: v for k, v in b.items() if k != "run"}
+    assert b["run"]["resume"] is True and b["run"]["resumed_from"] == 4
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (straight, run))
+    assert rb["n"] == ra["n"] and rb["accuracy"] == ra["accuracy"]
 
 
 def test_ctrl_c_in_an_eval_stops_cleanly_and_keeps_the_answers(capsys, monkeypatch, tmp_path, assets):

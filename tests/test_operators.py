@@ -1,5 +1,5 @@
 """The operator maths (operators/): scores, the five-knob hard operator against small independent
-references of the named regimes, the soft relaxation (limit, gradients), ToMe's matching."""
+references of the named regimes, gradients through tensor knobs, ToMe's matching."""
 from __future__ import annotations
 
 import math

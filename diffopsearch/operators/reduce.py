@@ -84,13 +84,9 @@ def key_bias(sizes: torch.Tensor, reweight) -> torch.Tensor:
     return reweight * torch.log(sizes.float().clamp_min(1e-12))
 
 
-def descending_ranks(scores: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
-    """Rank of each token, 0 = best score; ties by lower index; tokens with ``alive`` False rank
-    after all alive ones. Ranks are hard (not differentiable); only masks built on them are soft."""
+def descending_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of each token, 0 = best score; ties by lower index. Ranks are hard (not differentiable)."""
     order = torch.argsort(scores.float(), dim=1, descending=True, stable=True)
-    if alive is not None:
-        dead_sorted = (~alive).gather(1, order).to(torch.int8)
-        order = order.gather(1, torch.argsort(dead_sorted, dim=1, stable=True))
     ar = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, ar)
 
@@ -229,10 +225,9 @@ def _normalize(k):
     return k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def assignment(keys_src, keys_anc, c_src, c_anc, sharpness, locality, anc_logw=None,
-               allowed=None, exclude_self=False) -> torch.Tensor:
+def assignment(keys_src, keys_anc, c_src, c_anc, sharpness, locality, allowed=None) -> torch.Tensor:
     """P (B, m, k): how each of m source tokens is shared among k anchors,
-    softmax_i(beta cos(key_j, key_i) - lambda |c_j - c_i|^2 + anc_logw_i) over allowed anchors.
+    softmax_i(beta cos(key_j, key_i) - lambda |c_j - c_i|^2) over allowed anchors.
     Infinite sharpness / locality give the one-hot argmax (locality wins if both are inf)."""
     B, m, k = c_src.shape[0], c_src.shape[1], c_anc.shape[1]
     hard_loc, hard_sim = _isinf(locality), _isinf(sharpness)
@@ -250,10 +245,6 @@ def assignment(keys_src, keys_anc, c_src, c_anc, sharpness, locality, anc_logw=N
         allowed = torch.ones(B, 1, k, dtype=torch.bool, device=logits.device)
     elif allowed.dim() == 2:
         allowed = allowed[:, None, :]
-    if exclude_self:
-        allowed = allowed & ~torch.eye(m, k, dtype=torch.bool, device=logits.device)
-    if anc_logw is not None and not hard:
-        logits = logits + anc_logw[:, None, :]
     logits = logits.masked_fill(~allowed, float("-inf"))
     if hard:
         return torch.nn.functional.one_hot(logits.argmax(-1), k).to(logits.dtype) * allowed.any(-1, keepdim=True)

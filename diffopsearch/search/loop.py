@@ -264,9 +264,9 @@ def _truncate_log(path: Path, upto: int) -> None:
 def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float) -> tuple[float, int]:
     """Clip in place to global L2 norm ``max_norm`` (0: leave the gradients alone); returns (the norm
     before clipping, the number of non-finite elements). The norm is summed in float64, so a spike of
-    1e20 is not an overflow. When clipping, a non-finite element (an overflow in the backward pass of
-    the relaxation) is first set to 0 (NaN) or to the largest float of its sign (inf), so it cannot
-    turn the state into NaN: the step then moves that element alone, by at most ``max_norm``."""
+    1e20 is not an overflow. When clipping, a non-finite element (an overflow in a backward pass) is
+    first set to 0 (NaN) or to the largest float of its sign (inf), so it cannot turn the state into
+    NaN: the step then moves that element alone, by at most ``max_norm``."""
     bad = sum(int((~torch.isfinite(g)).sum()) for g in grads)
     if bad and max_norm > 0:
         for g in grads:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from .errors import Interrupted, UserError
+from .runtime import Procs, device_of, sync, to_device  # noqa: F401  (to_device: this module's API too)
 
 log = logging.getLogger("diffopsearch")
 
@@ -44,38 +45,6 @@ CACHE_NAME = "answers.jsonl"
 RESULTS_NAME = "results.json"
 LATENCY_BATCHES = 8
 SCORE_CHUNK = 2048
-
-
-# ---------------------------------------------------------------- processes
-
-class _Procs:
-    """The few Accelerate calls evaluation needs; a single process without an accelerator."""
-
-    def __init__(self, accelerator=None):
-        self.acc = accelerator
-        self.world = accelerator.num_processes if accelerator is not None else 1
-        self.rank = accelerator.process_index if accelerator is not None else 0
-        self.is_main = self.rank == 0
-
-    def gather(self, items: list) -> list:
-        if self.world == 1:
-            return list(items)
-        from accelerate.utils import gather_object
-
-        return gather_object(list(items))
-
-    def broadcast(self, obj):
-        if self.world == 1:
-            return obj
-        from accelerate.utils import broadcast_object_list
-
-        box = [obj]
-        broadcast_object_list(box)
-        return box[0]
-
-    def wait(self) -> None:
-        if self.world > 1:
-            self.acc.wait_for_everyone()
 
 
 # ---------------------------------------------------------------- answer cache
@@ -144,34 +113,6 @@ def _append_cache(path: Path, key: str, answers: list[dict], settings: str | Non
 
 # ---------------------------------------------------------------- model calls
 
-def _device(model):
-    import torch
-
-    dev = getattr(model, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    return next(model.parameters()).device
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def to_device(inputs: dict, device, dtype) -> dict:
-    """Tensors of a batch onto ``device``; pixel values also into the model's dtype."""
-    out = {}
-    for k, v in inputs.items():
-        if hasattr(v, "to"):
-            v = v.to(device)
-            if k == "pixel_values" and v.is_floating_point():
-                v = v.to(dtype)
-        out[k] = v
-    return out
-
-
 def _accepts(fn, name: str) -> bool:
     import inspect
 
@@ -222,10 +163,10 @@ def measure_latency(reduced, dataset, processor, indices: list[int], batch_size:
     prefill(reduced, batches[0])  # warm-up: kernels, allocator, lazy init
     times = []
     for inputs in batches:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         prefill(reduced, inputs)
-        _sync(device)
+        sync(device)
         times.append(((time.perf_counter() - t0) * 1000.0, int(inputs["input_ids"].shape[0])))
     return times
 
@@ -314,9 +255,9 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
 
     if batch_size < 1 or max_new_tokens < 1:
         raise UserError(f"batch_size={batch_size!r} and max_new_tokens={max_new_tokens!r} must both be >= 1.")
-    procs = _Procs(accelerator)
+    procs = Procs(accelerator)
     metric = metric or dataset.metric
-    device = _device(model)
+    device = device_of(model)
     dtype = getattr(model, "dtype", torch.float32)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -381,7 +322,7 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
                     inputs = to_device(make_eval_batch(processor, recs, imgs), device, dtype)
                     preds = generate_answers(reduced, processor, inputs, max_new_tokens)
                     local += [{"qid": r["id"], "prediction": p} for r, p in zip(recs, preds)]
-                _sync(device)
+                sync(device)
                 t_gen += time.perf_counter() - t0
                 n_new += len(recs)
             gathered = procs.gather(local)

@@ -315,7 +315,7 @@ def instrumented(model, timers: _Timers, sync):
 
 def latency_batches(processor, dataset, batch_size: int, n_batches: int, device, dtype) -> list[dict]:
     from diffopsearch.data.datasets import make_eval_batch
-    from diffopsearch.evaluate import to_device
+    from diffopsearch.runtime import to_device
 
     out = []
     for start in range(0, len(dataset), batch_size):
@@ -337,15 +337,16 @@ def measure_latency(a, model, processor, dataset, variants: dict, key: str) -> d
     random order, so slow drift of a shared machine falls on all of them alike."""
     import torch
 
-    from diffopsearch.evaluate import _device, _sync, prefill
+    from diffopsearch.evaluate import prefill
+    from diffopsearch.runtime import device_of, sync as sync_device
 
     cached = _read_json(a.work / "latency.json")
     if cached and cached.get("key") == key and not a.fresh:
         _log("latency: measured before (latency.json)")
         return cached
-    device = _device(model)
+    device = device_of(model)
     dtype = getattr(model, "dtype", torch.float32)
-    sync = (lambda: _sync(device)) if device.type == "cuda" else (lambda: None)
+    sync = (lambda: sync_device(device)) if device.type == "cuda" else (lambda: None)
     rng = random.Random(a.seed)
     t_start = time.perf_counter()
     result = {"key": key, "device": str(device), "threads": torch.get_num_threads(), "rounds": a.rounds,

@@ -106,7 +106,8 @@ def check_generate(model, processor, dataset, n: int, batch_size: int, max_new_t
 
     from diffopsearch.baselines import make_plan
     from diffopsearch.data.datasets import make_eval_batch
-    from diffopsearch.evaluate import to_device, visual_token_count
+    from diffopsearch.evaluate import visual_token_count
+    from diffopsearch.runtime import to_device
     from diffopsearch.patch.llava import apply_plan
 
     n_visual, grid = visual_token_count(model.config)

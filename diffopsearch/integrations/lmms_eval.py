@@ -151,10 +151,11 @@ class DiffopsearchLlava(lmms):
         if self._reduced is not None:
             return
         from ..data.prompts import format_context
-        from ..evaluate import _Procs, resolve_plan
+        from ..evaluate import resolve_plan
+        from ..runtime import Procs
 
         lens = [len(x) - 1 for x in self.tokenizer([format_context(c, self.processor) for c in contexts])["input_ids"]]
-        total = _Procs(self.accelerator).gather([(sum(lens), len(lens))])
+        total = Procs(self.accelerator).gather([(sum(lens), len(lens))])
         n = sum(c for _, c in total)
         self._use_plan(resolve_plan(self._plan_spec, self._model, sum(s for s, _ in total) / max(n, 1)))
 
@@ -176,7 +177,7 @@ class DiffopsearchLlava(lmms):
         """(positions, model inputs) for ``items`` (indices into texts / images): the requests with an
         image and those without are encoded apart (the processor takes one kind per call)."""
         from ..data.datasets import encode_prompts
-        from ..evaluate import to_device
+        from ..runtime import to_device
 
         for want in (1, 0):
             pos = [i for i in items if len(images[i]) == want]

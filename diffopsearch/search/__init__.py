@@ -86,7 +86,7 @@ def search_plan(model, processor, train, space, settings, n_text, out_dir=None, 
                             select_corners and heldout is not None)
     selection = None
     if heldout is not None and len(heldout) and len(cands) > 1:
-        from .loop import Procs
+        from ..runtime import Procs
         from .select import select_plan
 
         (origin, plan), best, table = select_plan(model, processor, cands, heldout, screen_questions, finalists,

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from ..config import SearchConfig
 from ..errors import Interrupted, NumericalError, UserError
-from ..evaluate import to_device
 from ..patch.llava import encode_images
+from ..runtime import Procs, to_device
 from .checkpoint import CKPT_DIR, load_checkpoint, save_checkpoint
 from .policy import ArchState
 from .space import Planner, SearchSpace, describe
@@ -94,36 +94,6 @@ def auto_checkpoint(space: SearchSpace, device: torch.device) -> bool:
     through many layers (LLaVA-1.5's 576 x 32), never on the toy backbone (144 x 8: it would only cost
     the recomputation)."""
     return space.n_visual * space.num_layers >= 4096
-
-
-# ---------------------------------------------------------------- processes
-
-class Procs:
-    """Rank / world / gradient all-reduce through Accelerate (or a single plain process)."""
-
-    def __init__(self, accelerator=None):
-        self.acc = accelerator
-        self.world = accelerator.num_processes if accelerator is not None else 1
-        self.rank = accelerator.process_index if accelerator is not None else 0
-        self.is_main = self.rank == 0
-
-    def mean_(self, tensors: Sequence[torch.Tensor]) -> None:
-        """In-place average over processes (the architecture gradients, the logged scalars)."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
-        flat /= self.world
-        o = 0
-        for t in tensors:
-            t.copy_(flat[o:o + t.numel()].view_as(t))
-            o += t.numel()
-
-    def wait(self):
-        if self.world > 1:
-            self.acc.wait_for_everyone()
 
 
 # ---------------------------------------------------------------- data

@@ -1,0 +1,80 @@
+"""Processes, devices and synchronisation: the few Accelerate and device calls that evaluation, the search
+and the integrations share (one place; no module reaches into another's private helpers)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class Procs:
+    """Rank / world / collectives through Accelerate, or a single plain process without an accelerator."""
+
+    def __init__(self, accelerator=None):
+        self.acc = accelerator
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.is_main = self.rank == 0
+
+    def mean_(self, tensors: Sequence) -> None:
+        """In-place average over processes (the search's gradients and losses, plan scores)."""
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world
+        o = 0
+        for t in tensors:
+            t.copy_(flat[o:o + t.numel()].view_as(t))
+            o += t.numel()
+
+    def gather(self, items: list) -> list:
+        if self.world == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        box = [obj]
+        broadcast_object_list(box)
+        return box[0]
+
+    def wait(self) -> None:
+        if self.world > 1:
+            self.acc.wait_for_everyone()
+
+
+def device_of(model):
+    """The device a model (or a wrapper exposing ``.device``) runs on."""
+    import torch
+
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    return next(model.parameters()).device
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work (timings); a no-op on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def to_device(inputs: dict, device, dtype) -> dict:
+    """Tensors of a batch onto ``device``; pixel values also into the model's dtype."""
+    out = {}
+    for k, v in inputs.items():
+        if hasattr(v, "to"):
+            v = v.to(device)
+            if k == "pixel_values" and v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out

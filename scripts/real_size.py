@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "tests"):
+for p in (ROOT, ROOT / "tests", ROOT / "scripts"):  # scripts: bench.machine_info
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -639,29 +639,13 @@ def nograd_peak_gb(g: dict, rows: int, T: float) -> float:
 # ------------------------------------------------------------------------------------------ document
 
 def machine() -> dict:
+    """scripts/bench.py's machine description (CPU, cores, versions, commit, date), plus the torch threads
+    under the name this section prints."""
     import torch
-    import transformers
+    from bench import machine_info
 
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-        commit = commit + ("+local changes" if dirty else "") if commit else "?"
-    except (OSError, subprocess.SubprocessError):
-        commit = "?"
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "commit": commit, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info = machine_info("cuda" if torch.cuda.is_available() else "cpu")
+    return {**info, "threads": info["torch_threads"]}
 
 
 def _g(x: float) -> str:

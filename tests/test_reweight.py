@@ -104,8 +104,7 @@ def tome_decoder(model, inputs, plan):
     emb = embeddings(model, inputs)[0]
     is_vis = (ids[0] == model.config.image_token_id).tolist()
     toks = [{"pos": p, "h": emb[p], "vis": v, "size": 1.0} for p, v in enumerate(is_vis)]
-    r_at = {s.layer: len([t for t in toks if t["vis"]]) for s in plan.sites}  # filled below
-    n = sum(is_vis)
+    r_at, n = {}, sum(is_vis)  # layer -> tokens merged there
     for s in plan.sites:
         r_at[s.layer] = n - s.keep
         n = s.keep

@@ -73,7 +73,8 @@ def _merges(mu) -> bool:
     return float(mu) > 0
 
 
-def _iszero(v) -> bool:
+def is_zero(v) -> bool:
+    """A knob that is exactly 0 and not learnable (a learnable 0 still gets a gradient: not zero)."""
     if isinstance(v, torch.Tensor):
         return v.numel() == 1 and not v.requires_grad and float(v) == 0.0
     return float(v) == 0.0
@@ -232,10 +233,10 @@ def assignment(keys_src, keys_anc, c_src, c_anc, sharpness, locality, allowed=No
     B, m, k = c_src.shape[0], c_src.shape[1], c_anc.shape[1]
     hard_loc, hard_sim = _isinf(locality), _isinf(sharpness)
     logits = torch.zeros(B, m, k, device=c_src.device)
-    if hard_loc or not _iszero(locality):
+    if hard_loc or not is_zero(locality):
         d2 = (c_src.float()[:, :, None, :] - c_anc.float()[:, None, :, :]).pow(2).sum(-1)
         logits = -d2 if hard_loc else logits - locality * d2
-    if not hard_loc and (hard_sim or not _iszero(sharpness)):
+    if not hard_loc and (hard_sim or not is_zero(sharpness)):
         if keys_src is None or keys_anc is None:
             raise ValueError("sharpness > 0 needs keys")
         cos = _normalize(keys_src) @ _normalize(keys_anc).transpose(-1, -2)

@@ -57,7 +57,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from ..errors import UserError
-from ..operators.reduce import hard_reduce
+from ..operators.reduce import hard_reduce, is_zero
 from ..operators.scores import attn_scores, cls_scores, norm_scores, random_scores
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -265,11 +265,7 @@ def reweight_after(rho_in, site_rho):
     """The reweight in effect after a site: the site's own when it sets one (> 0), else the one in
     effect before (a prune after a merge does not change what a token stands for, so it keeps being
     heard as its size). With every site at rho = 1 (ToMe) the bias is log(current size)."""
-    return rho_in if _is_zero(site_rho) else site_rho
-
-
-def _is_zero(v) -> bool:
-    return (not torch.is_tensor(v) or not v.requires_grad) and float(v) == 0.0
+    return rho_in if is_zero(site_rho) else site_rho
 
 
 def _visual_segment(model, special: Tensor, n_expected: int | None) -> tuple[Tensor, int]:
@@ -522,7 +518,7 @@ def _apply_hard(seq: _Seq, vis: _Visual, site, scores, keys) -> tuple[_Seq, _Vis
     # (docs/DESIGN.md section 2); text keys get none
     rho = reweight_after(vis.rho, getattr(site, "reweight", 0.0))
     bias = seq.bias
-    if bias is not None or not _is_zero(rho):
+    if bias is not None or not is_zero(rho):
         vb = rho * torch.log(sizes.clamp_min(1e-12))
         bias = _splice(bias if bias is not None else torch.zeros(B, T, device=seq.h.device), vb, src)
     new = _Seq(h=_splice(seq.h, x_new, src), pos=_splice(seq.pos, red.pos.gather(1, order), src),

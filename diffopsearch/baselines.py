@@ -34,35 +34,20 @@ UserError. If the unreduced model already fits (budget = 1), the plan has no sit
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 from .cost import dims, plan_cost
 from .errors import UserError
 from .plan import Plan, Site
+from .regimes import METHODS as _TABLE
 
-METHODS = ("none", "fastv", "tome", "pool", "prumerge", "visionzip", "random")
-DEFAULT_LAYER = {"fastv": 2, "tome": 0, "pool": 0, "prumerge": 0, "visionzip": 0, "random": 0}
-INF = math.inf
-
-
-def fastv_site(layer: int, keep: int) -> Site:
-    return Site(layer=layer, keep=keep, score="attn", anchors="topk")
+METHODS = tuple(_TABLE)  # the table's order: the unreduced model, then the baselines
+DEFAULT_LAYER = {name: m.layer for name, m in _TABLE.items() if m.site is not None}
 
 
-def random_site(layer: int, keep: int) -> Site:
-    return Site(layer=layer, keep=keep, score="random", anchors="topk")
-
-
-def pool_site(layer: int, keep: int) -> Site:
-    return Site(layer=layer, keep=keep, score="none", anchors="grid", merge=1.0, sharpness=0.0, locality=INF)
-
-
-def prumerge_site(layer: int, keep: int) -> Site:
-    return Site(layer=layer, keep=keep, score="cls", anchors="iqr", merge=1.0, sharpness=INF, locality=0.0)
-
-
-def visionzip_site(layer: int, keep: int) -> Site:
-    return Site(layer=layer, keep=keep, score="cls", anchors="dominant", merge=1.0, sharpness=INF, locality=0.0)
+def method_site(name: str, layer: int, keep: int) -> Site:
+    """One site of the method ``name`` (regimes.METHODS) before ``layer``, keeping ``keep`` tokens."""
+    return Site(layer=layer, keep=keep, **_TABLE[name].site)
 
 
 def tome_sites(start: int, num_layers: int, n_visual: int, r: int) -> list[Site]:
@@ -74,7 +59,7 @@ def tome_sites(start: int, num_layers: int, n_visual: int, r: int) -> list[Site]
         if step <= 0:
             continue
         n -= step
-        sites.append(Site(layer=layer, keep=n, score="none", anchors="bipartite", merge=1.0, reweight=1.0))
+        sites.append(method_site("tome", layer, n))
     return sites
 
 
@@ -90,11 +75,13 @@ def pool_keeps(grid: Sequence[int]) -> list[int]:
 
 
 def make_plan(name: str, budget: float, text_config, n_visual: int, grid: Sequence[int], n_text: float,
-              layer: int | None = None, seed: int = 0, backbone_name: str = "") -> Plan:
+              layer: int | None = None, seed: int = 0, backbone_name: str = "", latency=None) -> Plan:
     """The ``name`` baseline's plan with FLOPs ratio <= ``budget`` (see the module docstring).
     ``text_config``: the decoder config (or a LlavaConfig); ``n_visual`` visual tokens on a
     ``grid`` = (rows, cols); ``n_text`` the (mean) text tokens per prompt, which the ratio depends
-    on; ``layer`` overrides the method's reduction layer (tome: the first merging layer)."""
+    on; ``layer`` overrides the method's reduction layer (tome: the first merging layer). ``latency``: a
+    :class:`~diffopsearch.latency.LatencyModel`; the budget is then a fraction of the predicted prefill
+    time (``cost=latency``) and the free parameter is solved against it."""
     if name not in METHODS:
         raise UserError(f"plan {name!r} is not a known baseline: use one of {', '.join(METHODS)}")
     L = dims(text_config)["L"]
@@ -104,9 +91,9 @@ def make_plan(name: str, budget: float, text_config, n_visual: int, grid: Sequen
     backbone = {"name": backbone_name, "num_layers": L, "visual_tokens": int(n_visual), "grid": grid}
     if name == "none":
         return _finish(Plan(sites=[], backbone=backbone, budget=None, method="none", seed=seed),
-                       text_config, n_text)
+                       text_config, n_text, latency)
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
-        raise UserError(f"budget {budget!r} is not valid: a FLOPs ratio in (0, 1]")
+        raise UserError(f"budget {budget!r} is not valid: a {'latency' if latency else 'FLOPs'} ratio in (0, 1]")
     layer = DEFAULT_LAYER[name] if layer is None else int(layer)
     if not 0 <= layer < L:
         raise UserError(f"plan.layer {layer} is not valid: the backbone has {L} decoder layers (0..{L - 1})")
@@ -121,13 +108,12 @@ def make_plan(name: str, budget: float, text_config, n_visual: int, grid: Sequen
     if name == "tome":
         candidates = [(r, tome_sites(layer, L, n, r)) for r in range(0, n // 2 + 1)]
     else:
-        make_site: Callable[[int, int], Site] = {"fastv": fastv_site, "random": random_site, "pool": pool_site,
-                                                  "prumerge": prumerge_site, "visionzip": visionzip_site}[name]
         keeps = pool_keeps(grid) if name == "pool" else range(1, n)
-        candidates = [(k, [make_site(layer, k)]) for k in keeps if k < n] + [(n, [])]
+        candidates = [(k, [method_site(name, layer, k)]) for k in keeps if k < n] + [(n, [])]
     best, lowest = None, None
     for value, sites in candidates:
-        ratio = plan_cost(text_config, plan_of(sites), n, n_text)["flops_ratio"]
+        ratio = (latency.ratio(plan_of(sites), n_text) if latency is not None
+                 else plan_cost(text_config, plan_of(sites), n, n_text)["flops_ratio"])
         if lowest is None or ratio < lowest[0]:
             lowest = (ratio, value)
         if ratio <= budget + 1e-12 and (best is None or ratio > best[0]):
@@ -135,12 +121,15 @@ def make_plan(name: str, budget: float, text_config, n_visual: int, grid: Sequen
     if best is None:
         what = "r" if name == "tome" else "keep"
         raise UserError(f"budget {budget} is below what {name} can reach on this backbone: its cheapest form "
-                        f"({what}={lowest[1]} at layer {layer}) costs {lowest[0]:.3f} of the full prefill FLOPs "
-                        f"with {n_text:g} text tokens; raise the budget"
+                        f"({what}={lowest[1]} at layer {layer}) costs {lowest[0]:.3f} of the full prefill "
+                        f"{'time predicted on this device' if latency is not None else 'FLOPs'} "
+                        f"with {n_text:g} text tokens; raise the budget to >= {lowest[0]:.3f}"
                         + (" or move the site earlier (plan.layer)" if layer > 0 else ""))
-    return _finish(plan_of(best[2]), text_config, n_text)
+    return _finish(plan_of(best[2]), text_config, n_text, latency)
 
 
-def _finish(plan: Plan, text_config, n_text: float) -> Plan:
+def _finish(plan: Plan, text_config, n_text: float, latency=None) -> Plan:
     plan.cost = plan_cost(text_config, plan, plan.visual_tokens, n_text)
+    if latency is not None:
+        plan.cost.update(latency.cost_record(plan, n_text))
     return plan.validate()

@@ -45,17 +45,12 @@ COMMANDS = {
     "report": "collect the results.json files below dir=DIR into report.md and pareto.png",
     "prepare": "build or find the embedded toy backbone and toy world, and print where they are",
     "show": "print a plan (ckpt=PATH) in words, its visual tokens per layer, cost and accuracy",
+    "profile": "measure this device's latency model (the cost of cost=latency) and print it",
 }
 
 # What each command runs: (module, function), imported only when the command runs, so that
 # `--help` stays fast and the modules (written separately) can be replaced in tests.
-BODIES = {
-    "search": ("diffopsearch.search", "run"),
-    "eval": ("diffopsearch.evaluate", "run"),
-    "report": ("diffopsearch.report", "run"),
-    "prepare": ("diffopsearch.cli", "prepare"),
-    "show": ("diffopsearch.show", "run"),
-}
+BODIES = {command: (f"diffopsearch.commands.{command}", "run") for command in COMMANDS}
 
 USAGE = """\
 usage: diffopsearch <command> [--help] [--cfg job] [-m] [key=value ...]
@@ -113,16 +108,6 @@ def _hydra_runtime() -> tuple[bool, str, list]:
 
 
 # --------------------------------------------------------------------------- command bodies
-
-
-def prepare(cfg: DictConfig) -> dict:
-    """`diffopsearch prepare`: the embedded default's two directories."""
-    from .backbone.load import prepare_toy
-
-    backbone, dataset = prepare_toy()
-    print(f"backbone: {backbone}")
-    print(f"dataset: {dataset}")
-    return {"backbone": str(backbone), "dataset": str(dataset)}
 
 
 def _body(command: str) -> Callable[[DictConfig], Any]:
@@ -328,6 +313,10 @@ def show_task(cfg: DictConfig) -> Any:
     return _run_task("show", cfg)
 
 
+def profile_task(cfg: DictConfig) -> Any:
+    return _run_task("profile", cfg)
+
+
 def _hydra_app(command: str, task: Callable) -> Callable[[], None]:
     return hydra.main(version_base="1.3", config_path="pkg://diffopsearch.conf", config_name=command)(task)
 
@@ -338,6 +327,7 @@ APPS = {
     "report": _hydra_app("report", report_task),
     "prepare": _hydra_app("prepare", prepare_task),
     "show": _hydra_app("show", show_task),
+    "profile": _hydra_app("profile", profile_task),
 }
 
 

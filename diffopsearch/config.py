@@ -22,8 +22,9 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import UserError
+from .regimes import METHODS
 
-APPS = ("search", "eval", "report", "prepare", "show")
+APPS = ("search", "eval", "report", "prepare", "show", "profile")
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_DEVICES = ("auto", "cpu", "cuda")
@@ -31,8 +32,9 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DATASET_NAMES = ("toy", "gqa", "vqav2")
 METRICS = ("gqa", "vqa")
 VQA_MODES = ("official", "lmms")
-PLAN_NAMES = ("none", "fastv", "tome", "pool", "prumerge", "visionzip", "random")
+PLAN_NAMES = tuple(METHODS)  # the baselines of conf/plan/ (regimes.METHODS)
 SEARCH_LOSSES = ("kl", "ce")
+COSTS = ("flops", "latency")
 
 
 @dataclass
@@ -96,6 +98,8 @@ class SearchConfig:
     select_corners: bool = True  # the space's single-site corners are candidates too (search/select.py)
     screen_questions: Optional[int] = 64  # candidates besides the policy's plan are screened on this many first
     select_finalists: int = 2  # the screen's best that are scored on all select_questions, with the policy's plan
+    select_margin: float = 1.0  # a challenger replaces the gradient plan only if its held-out CE is lower by more
+    # than this many paired standard errors (0: the lowest CE wins outright)
 
 
 @dataclass
@@ -129,6 +133,10 @@ class _RunApp:
     max_new_tokens: int = 16
     seed: int = 0
     resume: bool = False
+    # what budget is a fraction of: the LLM's prefill FLOPs, or the measured prefill time on this device
+    # (a latency model profiled once per device / backbone / dtype / batch size; docs/DESIGN.md section 4)
+    cost: str = "flops"
+    latency_batch_size: Optional[int] = None  # cost=latency: the batch size timed (null = batch_size)
     num_workers: int = 0
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     debug: bool = False  # show tracebacks for user errors too
@@ -160,12 +168,24 @@ class PrepareApp:
 
 
 @dataclass
+class ProfileApp:
+    """``diffopsearch profile``: build (or read) the latency model and print it."""
+
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    batch_size: int = 16
+    refresh: bool = False  # profile again even when a valid cached model exists
+    debug: bool = False
+
+
+@dataclass
 class ShowApp:
     ckpt: Optional[str] = None  # a plan.json, or a run dir holding one (found as eval finds it)
     debug: bool = False
 
 
-SCHEMAS = {"search": SearchApp, "eval": EvalApp, "report": ReportApp, "prepare": PrepareApp, "show": ShowApp}
+SCHEMAS = {"search": SearchApp, "eval": EvalApp, "report": ReportApp, "prepare": PrepareApp, "show": ShowApp,
+           "profile": ProfileApp}
 
 
 def register() -> None:
@@ -230,6 +250,9 @@ def validate(cfg: DictConfig) -> None:
     if "plan" in cfg:
         _choice("plan.name", cfg.plan.name, PLAN_NAMES)
         _at_least("plan.layer", cfg.plan.layer, 0, allow_none=True)
+    if "cost" in cfg:
+        _choice("cost", cfg.cost, COSTS)
+        _at_least("latency_batch_size", cfg.latency_batch_size, 1, allow_none=True)
     for key, low in (("limit", 1), ("batch_size", 1), ("max_new_tokens", 1), ("num_workers", 0)):
         if key in cfg:
             _at_least(key, cfg[key], low, allow_none=key == "limit")
@@ -249,6 +272,7 @@ def validate(cfg: DictConfig) -> None:
         _at_least("search.select_questions", s.select_questions, 0)
         _at_least("search.screen_questions", s.screen_questions, 1, allow_none=True)
         _at_least("search.select_finalists", s.select_finalists, 1)
+        _at_least("search.select_margin", s.select_margin, 0)
         for key in ("lr", "knob_lr"):
             if not (math.isfinite(s[key]) and s[key] > 0):
                 raise UserError(f"search.{key}={s[key]!r} is not valid: a learning rate must be a finite number > 0.")
@@ -289,6 +313,16 @@ def compose(app: str, overrides: Sequence[str] = ()) -> DictConfig:
         return hydra_compose(config_name=app, overrides=list(overrides))
     with initialize_config_module(config_module="diffopsearch.conf", version_base="1.3"):
         return hydra_compose(config_name=app, overrides=list(overrides))
+
+
+def complete(cfg, app: str):
+    """``cfg`` as the ``app`` command's schema (SCHEMAS): a config composed by Hydra already is one; a
+    hand-made one (a test, a script) gets every default it leaves out from the schema, where each
+    default is defined once."""
+    schema = SCHEMAS[app]
+    if OmegaConf.is_config(cfg) and OmegaConf.get_type(cfg) is schema:
+        return cfg
+    return OmegaConf.merge(OmegaConf.structured(schema), cfg)
 
 
 def cfg_get(cfg, key: str, default=None):

@@ -22,7 +22,7 @@ LIBRARIES = ("transformers", "datasets", "huggingface_hub")
 # (category, message regex) of warnings that tell a user of the command nothing they can act on.
 HARMLESS_WARNINGS = (
     # transformers 5.24 renamed the decoder layers' `past_key_values` keyword to `cache`. The reduced
-    # forward passes the installed version's name (patch/llava.py `_cache_kw`; tests/test_forward.py
+    # forward passes the installed version's name (patch/llava/attention.py `cache_kw`; tests/test_forward.py
     # runs it with deprecation warnings as errors), so this only hides third-party callers' use of it.
     (FutureWarning, r"`past_key_values` is deprecated"),
 )

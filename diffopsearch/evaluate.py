@@ -233,73 +233,36 @@ def peak_memory_mb(device) -> tuple[float, str]:
 
 # ---------------------------------------------------------------- evaluate
 
-def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_tokens: int = 16,
-             accelerator=None, cache_path: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
-             metric: str | None = None, vqa_mode: str = "official", model_name: str | None = None,
-             latency_batches: int = LATENCY_BATCHES, resume: bool = True, show: bool = True,
-             extra: dict | None = None) -> dict:
-    """Evaluate ``plan`` (a Plan, or None for the unreduced model) on ``dataset`` (a
-    :class:`diffopsearch.data.datasets.QADataset`) and return the results dict.
-
-    ``out_dir``: where ``results.json`` (and by default the answer cache ``answers.jsonl``) go;
-    ``cache_path`` overrides the cache location (a folder, or a path ending in a separator: one file
-    per settings key inside it); with neither, nothing is written. ``resume=False``
-    discards the cache first. ``metric``: gqa | vqa (default: the data set's own). ``extra``: keys
-    merged into the results (e.g. the config). Every process returns the same dict; only the
-    main one writes files and prints.
-    """
-    import torch
-
-    from .data.datasets import make_eval_batch
-    from .data.prompts import format_prompt
-
-    if batch_size < 1 or max_new_tokens < 1:
-        raise UserError(f"batch_size={batch_size!r} and max_new_tokens={max_new_tokens!r} must both be >= 1.")
-    procs = Procs(accelerator)
-    metric = metric or dataset.metric
-    device = device_of(model)
-    dtype = getattr(model, "dtype", torch.float32)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if plan is not None:
-        from .patch.llava import apply_plan
-
-        reduced = apply_plan(model, plan)
-    else:
-        reduced = model
-    plan_dict = plan.to_dict() if plan is not None else None
-    model_id = model_name or str(getattr(model, "name_or_path", "") or type(model).__name__)
-    settings = settings_key(plan_dict, f"{model_id}|{dtype}", dataset, max_new_tokens, format_prompt("{q}", processor))
-    key = settings_key(plan_dict, f"{model_id}|{dtype}", dataset, max_new_tokens, format_prompt("{q}", processor),
-                       origin=answer_origin(model, dataset))
-    out_dir = Path(out_dir) if out_dir is not None else None
+def _cache_file(out_dir: Path | None, cache_path, settings: str) -> Path | None:
+    """Where the answers are cached: ``cache_path`` (a folder, or a path ending in a separator: one file per
+    settings key inside it), else the run dir's answers.jsonl, else nowhere."""
     cache = Path(cache_path) if cache_path is not None else (out_dir / CACHE_NAME if out_dir is not None else None)
     if cache is not None and (cache.is_dir() or str(cache_path).endswith(os.sep)):
         cache = cache / f"{settings}.jsonl"  # a shared cache folder: one file per settings, keyed lines inside
+    return cache
 
-    # -- resume: everyone reads the cache the main process has (maybe) just cleared
-    if procs.is_main and cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        if not resume and cache.exists():
-            cache.unlink()
-        _end_line(cache)
-    procs.wait()
-    ids = dataset.ids
-    wanted = set(ids)
-    done = {q: p for q, p in read_cache(cache, key).items() if q in wanted}  # limit may have shrunk
-    if not done and procs.is_main and stale_answers(cache, key, settings):
-        log.warning("the cached answers in %s were made by another version of diffopsearch or other model "
-                    "weights or data files: recomputing them.", cache)
-    pending = [i for i, q in enumerate(ids) if q not in done]
-    mine = pending[procs.rank::procs.world]
-    n_steps = math.ceil(math.ceil(len(pending) / procs.world) / batch_size) if pending else 0
 
-    # -- latency: prefill only, warm, on this process's share of the questions
-    lat = measure_latency(reduced, dataset, processor, list(range(len(dataset)))[procs.rank::procs.world],
-                          batch_size, device, dtype, latency_batches) if latency_batches > 0 else []
+def _write_run(out_dir: Path, results: dict, answers: dict, cache: Path | None, key: str, settings: str) -> None:
+    """results.json, and the run dir's own answers.jsonl when the cache lives elsewhere (atomic writes)."""
+    from .io import atomic_write_json, atomic_write_text
 
-    # -- generation
-    answers: dict[str, str] = dict(done)
+    if cache != out_dir / CACHE_NAME:
+        atomic_write_text(out_dir / CACHE_NAME, "".join(
+            json.dumps({"key": key, "settings": settings, "qid": q, "prediction": p}) + "\n"
+            for q, p in answers.items()))
+    atomic_write_json(out_dir / RESULTS_NAME, results)
+
+
+def _generate_pending(reduced, processor, dataset, mine: list[int], n_steps: int, batch_size: int,
+                      max_new_tokens: int, procs, answers: dict, cache_of: tuple, device, dtype, show: bool):
+    """Greedy answers to this process's pending questions ``mine`` in ``n_steps`` batch steps (the same
+    number on every process, for the gathers), added to ``answers``; each step's new answers are appended
+    to the cache (``cache_of`` = (path or None, key, settings)) by the main process. Returns (answers,
+    {question: image error}, questions answered here, seconds spent generating)."""
+    from .data.datasets import make_eval_batch
+
+    cache, key, settings = cache_of
+    ids, n_done = dataset.ids, len(answers)
     errors: dict[str, str] = {}
     n_new, t_gen = 0, 0.0
     progress = None
@@ -325,9 +288,8 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
                 sync(device)
                 t_gen += time.perf_counter() - t0
                 n_new += len(recs)
-            gathered = procs.gather(local)
             fresh = []
-            for a in gathered:
+            for a in procs.gather(local):
                 if "error" in a:
                     errors[a["qid"]] = a["error"]
                 elif a["qid"] not in answers:  # de-duplicate by question id
@@ -339,11 +301,16 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
                 progress.advance(task)
     except KeyboardInterrupt:
         # every answer gathered so far is already in the cache (appended after each batch step)
-        raise Interrupted(f"after {len(answers)} of {len(ids)} answers ({len(answers) - len(done)} new in this "
+        raise Interrupted(f"after {len(answers)} of {len(ids)} answers ({len(answers) - n_done} new in this "
                           "run)") from None
     finally:
         if progress is not None:
             progress.stop()
+    return answers, errors, n_new, t_gen
+
+
+def _check_image_errors(dataset, answers: dict, errors: dict, procs) -> None:
+    """No answer at all because no image decoded: a user error; some: one warning line."""
     if errors and not answers:
         ex = next(iter(sorted(errors.items())))
         raise UserError(f"no question of {dataset.name} split {dataset.split!r} ({dataset.path}) could be "
@@ -353,10 +320,83 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
     if errors and procs.is_main:
         ex = next(iter(sorted(errors.items())))
         log.warning("%d of %d questions skipped: their image is missing or cannot be decoded (e.g. question %s: "
-                    "%s); results.json lists them under image_errors.", len(errors), len(ids), ex[0], ex[1])
+                    "%s); results.json lists them under image_errors.", len(errors), len(dataset.ids), ex[0], ex[1])
+
+
+def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_tokens: int = 16,
+             accelerator=None, cache_path: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
+             metric: str | None = None, vqa_mode: str = "official", model_name: str | None = None,
+             latency_batches: int = LATENCY_BATCHES, resume: bool = True, show: bool = True,
+             extra: dict | None = None) -> dict:
+    """Evaluate ``plan`` (a Plan, or None for the unreduced model) on ``dataset`` (a
+    :class:`diffopsearch.data.datasets.QADataset`) and return the results dict.
+
+    ``out_dir``: where ``results.json`` (and by default the answer cache ``answers.jsonl``) go;
+    ``cache_path`` overrides the cache location (a folder, or a path ending in a separator: one file
+    per settings key inside it); with neither, nothing is written. ``resume=False``
+    discards the cache first. ``metric``: gqa | vqa (default: the data set's own). ``extra``: keys
+    merged into the results (e.g. the config). Every process returns the same dict; only the
+    main one writes files and prints.
+    """
+    import torch
+
+    from .data.prompts import format_prompt
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise UserError(f"batch_size={batch_size!r} and max_new_tokens={max_new_tokens!r} must both be >= 1.")
+    procs = Procs(accelerator)
+    metric = metric or dataset.metric
+    device = device_of(model)
+    dtype = getattr(model, "dtype", torch.float32)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if plan is not None:
+        from .patch.llava import apply_plan
+
+        reduced = apply_plan(model, plan)
+    else:
+        reduced = model
+    plan_dict = plan.to_dict() if plan is not None else None
+    model_id = model_name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+    settings = settings_key(plan_dict, f"{model_id}|{dtype}", dataset, max_new_tokens, format_prompt("{q}", processor))
+    key = settings_key(plan_dict, f"{model_id}|{dtype}", dataset, max_new_tokens, format_prompt("{q}", processor),
+                       origin=answer_origin(model, dataset))
+    out_dir = Path(out_dir) if out_dir is not None else None
+    cache = _cache_file(out_dir, cache_path, settings)
+
+    # -- resume: everyone reads the cache the main process has (maybe) just cleared
+    if procs.is_main and cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and cache.exists():
+            cache.unlink()
+        _end_line(cache)
+    procs.wait()
+    ids = dataset.ids
+    wanted = set(ids)
+    done = {q: p for q, p in read_cache(cache, key).items() if q in wanted}  # limit may have shrunk
+    if not done and procs.is_main and stale_answers(cache, key, settings):
+        log.warning("the cached answers in %s were made by another version of diffopsearch or other model "
+                    "weights or data files: recomputing them.", cache)
+    pending = [i for i, q in enumerate(ids) if q not in done]
+    mine = pending[procs.rank::procs.world]
+    n_steps = math.ceil(math.ceil(len(pending) / procs.world) / batch_size) if pending else 0
+
+    # -- latency: prefill only, warm, on this process's share of the questions
+    share = list(range(len(dataset)))[procs.rank::procs.world]
+    lat = measure_latency(reduced, dataset, processor, share, batch_size, device, dtype,
+                          latency_batches) if latency_batches > 0 else []
+    # the unreduced model on the same batches: the measured latency ratio beside the plan's predicted one
+    ref = measure_latency(model, dataset, processor, share, batch_size, device, dtype,
+                          latency_batches) if latency_batches > 0 and plan is not None and plan.sites else []
+
+    # -- generation (every batch's answers are appended to the cache as they come: a kill loses none)
+    answers, errors, n_new, t_gen = _generate_pending(
+        reduced, processor, dataset, mine, n_steps, batch_size, max_new_tokens, procs, dict(done),
+        (cache, key, settings), device, dtype, show)
+    _check_image_errors(dataset, answers, errors, procs)
 
     # -- gather the measurements
-    lat_all = procs.gather(lat)
+    lat_all = {"plan": procs.gather(lat), "unreduced": procs.gather(ref)}
     speed = procs.gather([(n_new, t_gen)])
     mem, mem_kind = peak_memory_mb(device)
     mems = procs.gather([mem])
@@ -369,13 +409,7 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
         if extra:
             results.update(extra)
         if out_dir is not None:
-            from .io import atomic_write_json, atomic_write_text
-
-            if cache != out_dir / CACHE_NAME:  # the run dir always holds its own answers
-                atomic_write_text(out_dir / CACHE_NAME, "".join(
-                    json.dumps({"key": key, "settings": settings, "qid": q, "prediction": p}) + "\n"
-                    for q, p in answers.items()))
-            atomic_write_json(out_dir / RESULTS_NAME, results)
+            _write_run(out_dir, results, answers, cache, key, settings)
         if show:
             print_results(results)
     return procs.broadcast(results)
@@ -400,7 +434,12 @@ def _summarise(model, processor, plan, plan_dict, dataset, answers, errors, metr
     n_text = text_total / text_n if text_n else 0.0
     cost = plan_cost(model, plan, n_visual, n_text)
     per_layer = [int(x) if float(x).is_integer() else float(x) for x in cost["visual_tokens_per_layer"]]
-    batch_ms = [t for t, _ in lat_all]
+    batch_ms = [t for t, _ in lat_all["plan"]]
+    ref_ms = [t for t, _ in lat_all["unreduced"]]
+    if not (plan_dict or {}).get("sites"):  # the unreduced model itself
+        measured = 1.0 if batch_ms else None
+    else:
+        measured = statistics.median(batch_ms) / statistics.median(ref_ms) if batch_ms and ref_ms else None
     n_new = sum(n for n, _ in speed)
     wall = max((t for _, t in speed), default=0.0)
     return {
@@ -421,7 +460,11 @@ def _summarise(model, processor, plan, plan_dict, dataset, answers, errors, metr
         "cost": {k: v for k, v in cost.items() if k not in ("flops_ratio", "visual_tokens_per_layer")},
         "latency": {
             "prefill_ms_per_batch": statistics.median(batch_ms) if batch_ms else None,
-            "prefill_ms_per_sample": statistics.median(t / b for t, b in lat_all) if lat_all else None,
+            "prefill_ms_per_sample": (statistics.median(t / b for t, b in lat_all["plan"])
+                                      if lat_all["plan"] else None),
+            "unreduced_prefill_ms_per_batch": statistics.median(ref_ms) if ref_ms else None,
+            "ratio_measured": measured,  # plan / unreduced prefill time, same batches, this run
+            "ratio_predicted": (plan_dict or {}).get("cost", {}).get("latency_ratio_predicted"),
             "batch_size": batch_size,
             "batches_timed": len(batch_ms),
             "warmup_batches": 1,
@@ -468,6 +511,10 @@ def print_results(results: dict) -> None:
     t.add_row("visual tokens (LLM input / layer avg)", f"{vt['llm_input']} / {vt['avg']:.1f}")
     t.add_row(f"prefill ms / batch (bs {lat['batch_size']})", fmt(lat["prefill_ms_per_batch"]))
     t.add_row("prefill ms / sample", fmt(lat["prefill_ms_per_sample"]))
+    if lat.get("ratio_measured") is not None:
+        pred = lat.get("ratio_predicted")
+        t.add_row("latency ratio measured" + (" (predicted)" if pred is not None else ""),
+                  fmt(lat["ratio_measured"], ".3f") + (f" ({pred:.3f})" if pred is not None else ""))
     t.add_row("throughput (samples/s)", fmt(results["throughput"]["samples_per_s"]))
     t.add_row("peak memory (MB)", f"{results['peak_memory_mb']:.0f}")
     console = Console()
@@ -482,13 +529,7 @@ def print_results(results: dict) -> None:
         console.print(pt)
 
 
-# ---------------------------------------------------------------- the command
-
-def _get(cfg, key, default=None):
-    from .config import cfg_get
-
-    return cfg_get(cfg, key, default)
-
+# ---------------------------------------------------------------- which plan
 
 def find_plan_file(ckpt: str) -> Path:
     """``ckpt`` is a plan.json or a run directory holding one (searched one level down too, for a
@@ -512,10 +553,9 @@ def find_plan_file(ckpt: str) -> Path:
                     "(its plan.json is written when the search ends) or at a plan file.")
 
 
-def plan_source(cfg) -> Path | None:
-    """Check ``cfg.ckpt`` / ``cfg.plan`` before anything heavy is loaded; the plan file or None."""
-    ckpt = _get(cfg, "ckpt")
-    name = _get(_get(cfg, "plan", {}) or {}, "name", "none")
+def plan_source(ckpt: str | None, name: str = "none") -> Path | None:
+    """Check a plan file (``ckpt``) or a baseline ``name`` before anything heavy is loaded: the plan file,
+    or None for a baseline."""
     if not ckpt:
         return None
     if name != "none":
@@ -524,10 +564,12 @@ def plan_source(cfg) -> Path | None:
     return find_plan_file(str(ckpt))
 
 
-def resolve_plan(cfg, model, n_text: float):
-    """The plan to evaluate: ``cfg.ckpt`` (a plan file / run dir), else ``cfg.plan.name`` at
-    ``cfg.budget`` from the baselines (``none`` = the unreduced model through the same forward)."""
-    plan_file = plan_source(cfg)
+def resolve_plan(model, n_text: float, *, ckpt: str | None = None, name: str = "none", budget: float = 1.0,
+                 layer: int | None = None, seed: int = 0, latency=None):
+    """The plan to evaluate: ``ckpt`` (a plan file / run dir), else the baseline ``name`` at ``budget``
+    (``none`` = the unreduced model through the same forward), sized by FLOPs or, with a ``latency``
+    model, by predicted time."""
+    plan_file = plan_source(ckpt, name)
     if plan_file is not None:
         from .plan import load_plan
 
@@ -536,75 +578,6 @@ def resolve_plan(cfg, model, n_text: float):
         return plan
     from .baselines import make_plan
 
-    plan_cfg = _get(cfg, "plan", {}) or {}
     n_visual, grid = visual_token_count(model.config)
-    return make_plan(_get(plan_cfg, "name", "none"), float(_get(cfg, "budget", 1.0)), model.config.text_config,
-                     n_visual, grid, n_text, layer=_get(plan_cfg, "layer"), seed=int(_get(plan_cfg, "seed", 0)))
-
-
-def output_dir(out_dir=None) -> Path:
-    from .config import run_dir
-
-    return run_dir(out_dir)
-
-
-def make_accelerator(model_cfg=None):
-    """The Accelerator of an eval. On a machine without CUDA it must be told ``cpu=True``: otherwise,
-    started by torchrun / ``accelerate launch --multi_gpu``, every process believes it is alone
-    (DistributedType.NO) and each one evaluates everything."""
-    import torch
-    from accelerate import Accelerator
-
-    cpu = _get(model_cfg, "device", "auto") == "cpu" or not torch.cuda.is_available()
-    acc = Accelerator(cpu=cpu)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and acc.num_processes != world:
-        raise UserError(f"{world} processes were launched but Accelerate set up {acc.num_processes}: start "
-                        "multi-process evaluation with `accelerate launch --multi_gpu --num_processes N` "
-                        "(on CPU too) or torchrun.")
-    return acc
-
-
-def run(cfg, out_dir=None, accelerator=None) -> dict:
-    """The body of ``diffopsearch eval``. Reads ``cfg.model`` (via load_backbone), ``cfg.dataset``
-    (name, path, questions_config, images_config, split, metric, vqa_mode), ``cfg.ckpt``,
-    ``cfg.plan`` (name, layer, seed), ``cfg.budget``, ``cfg.limit``, ``cfg.batch_size``,
-    ``cfg.max_new_tokens``, ``cfg.seed``. Writes results.json (and answers.jsonl) in the run dir."""
-    import torch
-
-    from .backbone.load import load_backbone
-    from .data.datasets import load_from_config
-
-    limit = _get(cfg, "limit")
-    if limit is not None and int(limit) <= 0:
-        raise UserError(f"limit={limit!r} is not valid: give a positive number of questions (the first N of the "
-                        "split), or leave it out for all of them.")
-    plan_file = plan_source(cfg)  # a bad ckpt fails before anything is loaded: missing, empty, not a plan...
-    if plan_file is not None:
-        from .plan import load_plan
-
-        load_plan(str(plan_file))  # ... malformed, or keep / layer out of its own backbone's range
-    torch.manual_seed(int(_get(cfg, "seed", 0)))
-    accelerator = accelerator or make_accelerator(cfg.model)
-    multi = accelerator.num_processes > 1
-    # The data first: a bad path or column fails in seconds, before a 7B model is loaded.
-    dataset = load_from_config(cfg.dataset, limit=None if limit is None else int(limit))
-    model, processor = load_backbone(cfg.model, device=accelerator.device if multi else None)
-    n_text = mean_prompt_text_tokens(processor, dataset)
-    plan = resolve_plan(cfg, model, n_text)
-    ds_cfg = cfg.dataset
-    model_name = str(_get(cfg.model, "name", "model"))
-    path = _get(cfg.model, "path", "")
-    results = evaluate(
-        model, processor, plan, dataset,
-        batch_size=int(_get(cfg, "batch_size", 16)), max_new_tokens=int(_get(cfg, "max_new_tokens", 16)),
-        accelerator=accelerator, out_dir=output_dir(out_dir),
-        # answers live in one folder per working directory, keyed by the settings hash, so a rerun
-        # of the same eval (in a new timestamped run dir) only computes what is missing
-        cache_path=str(Path.cwd() / "outputs" / ".answers") + os.sep,
-        metric=_get(ds_cfg, "metric") or None, vqa_mode=_get(ds_cfg, "vqa_mode", "official"),
-        model_name=f"{model_name}:{path}" if path else model_name,
-        extra={"budget": float(_get(cfg, "budget", 1.0)), "ckpt": _get(cfg, "ckpt"),
-               "limit": None if limit is None else int(limit)},
-    )
-    return results
+    return make_plan(name, float(budget), model.config.text_config, n_visual, grid, n_text, layer=layer,
+                     seed=int(seed), latency=latency)

@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import UserError
+from .regimes import METHODS
 
 RESULTS_NAME = "results.json"
 FAILURE_NAMES = ("error.json", "failed.json")
 REPORT_NAME = "report.md"
 PLOT_NAME = "pareto.png"
-# Table order: the unreduced model, the baselines as baselines.METHODS lists them, then the rest, then search.
-METHOD_ORDER = ("none", "fastv", "tome", "pool", "prumerge", "visionzip", "random")
+# Table order: the unreduced model, the baselines as regimes.METHODS lists them, then the rest, then search.
+METHOD_ORDER = tuple(METHODS)
 SEARCHED = "search"
 MAX_TYPE_COLUMNS = 8
 
@@ -498,20 +499,3 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
         print_table(rows, failed, f"diffopsearch report: {root}")
         print(f"wrote {report_path} and {plot_path}")
     return {"rows": rows, "failed": failed, "skipped": skipped, "report": str(report_path), "plot": str(plot_path)}
-
-
-def _get(cfg, key, default=None):
-    from .config import cfg_get
-
-    return cfg_get(cfg, key, default)
-
-
-def run(cfg) -> dict:
-    """The body of ``diffopsearch report``: ``cfg.report.dir`` (or ``cfg.dir``), ``cfg.report.out``."""
-    rep = _get(cfg, "report", {}) or {}
-    root = _get(rep, "dir") or _get(cfg, "dir")
-    if not root:
-        raise UserError("report needs a directory: diffopsearch report dir=<a run, outputs/ or multirun/ directory>; "
-                        "every results.json below it is collected.")
-    res = write_report(str(root), _get(rep, "out"))
-    return {"rows": len(res["rows"]), "failed": len(res["failed"]), "report": res["report"], "plot": res["plot"]}

@@ -78,3 +78,23 @@ def to_device(inputs: dict, device, dtype) -> dict:
                 v = v.to(dtype)
         out[k] = v
     return out
+
+
+def make_accelerator(device: str = "auto"):
+    """The Accelerator of a run (``device``: auto | cpu | cuda). On a machine without CUDA it must be told
+    ``cpu=True``: otherwise, started by torchrun / ``accelerate launch --multi_gpu``, every process
+    believes it is alone (DistributedType.NO) and each one does everything."""
+    import os
+
+    import torch
+    from accelerate import Accelerator
+
+    from .errors import UserError
+
+    acc = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and acc.num_processes != world:
+        raise UserError(f"{world} processes were launched but Accelerate set up {acc.num_processes}: start "
+                        "multi-process runs with `accelerate launch --multi_gpu --num_processes N` "
+                        "(on CPU too) or torchrun.")
+    return acc

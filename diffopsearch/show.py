@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 from .errors import UserError
+from .regimes import METHODS
 
 BAR_WIDTH = 40
 # A searched site whose learned knobs stay this close to a named regime's is named after it (the search
@@ -28,19 +29,11 @@ NEAR, LARGE = 0.05, 20.0
 # ---------------------------------------------------------------------------------- regimes
 
 def _named_sites() -> dict:
-    """Named regime -> a site of it at layer 0 / keep 0 (only the knobs are compared). The published
-    baselines' own site makers, and docs/DESIGN.md section 2's prune / merge regimes."""
-    from .baselines import fastv_site, pool_site, prumerge_site, random_site, visionzip_site
+    """Named method -> a site of it at layer 0 / keep 0 (only the knobs are compared)."""
     from .plan import Site
+    from .regimes import METHODS
 
-    return {
-        "fastv": fastv_site(0, 0),
-        "random": random_site(0, 0),
-        "tome": Site(layer=0, keep=0, score="none", anchors="bipartite", merge=1.0, reweight=1.0),
-        "pool": pool_site(0, 0),
-        "prumerge": prumerge_site(0, 0),
-        "visionzip": visionzip_site(0, 0),
-    }
+    return {name: Site(layer=0, keep=0, **m.site) for name, m in METHODS.items() if m.site is not None}
 
 
 def regime(site, n_in: int) -> str:
@@ -74,13 +67,8 @@ def knobs(site) -> str:
 
 
 _WHAT = {
-    "fastv": "prunes by the last prompt token's attention (FastV)",
-    "random": "prunes at random (seeded)",
+    **{name: m.what for name, m in METHODS.items() if m.site is not None},
     "prune": "prunes by the {score} score",
-    "tome": "merges by bipartite soft matching (ToMe)",
-    "pool": "average-pools on a coarser grid",
-    "prumerge": "keeps the CLS-attention outliers and merges the rest into them (PruMerge)",
-    "visionzip": "keeps dominant + contextual tokens and merges the rest (VisionZip)",
     "merge": "keeps the top {score} tokens and merges each dropped one into its most similar",
     "reweight": "keeps every token and reweights attention by token size (soft mask)",
     "no-op": "does nothing",
@@ -147,6 +135,7 @@ def find_results(plan_file: Path, plan) -> tuple[dict | None, str | None]:
     return results, None
 
 
+# Long because it is the card's layout, top to bottom; every line's content comes from the functions above.
 def card(plan, plan_file: Path, results: dict | None = None, note: str | None = None, console=None) -> None:
     """Print the plan card (rich)."""
     from rich.console import Console
@@ -263,10 +252,3 @@ def show(ckpt, console=None) -> dict:
         n = s.keep
     return {"plan": str(plan_file), "regimes": regimes, "visual_tokens_per_layer": plan.visual_tokens_per_layer(),
             "results": None if results is None else str(plan_file.parent / "results.json")}
-
-
-def run(cfg) -> dict:
-    """The body of ``diffopsearch show``: ``cfg.ckpt``."""
-    from .config import cfg_get
-
-    return show(cfg_get(cfg, "ckpt"))

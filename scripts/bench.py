@@ -6,7 +6,7 @@
 In one process, at every budget (default 0.8 0.6 0.4 0.25):
 
 1. accuracy of the unreduced model, each baseline (``baselines.make_plan``) and the searched plan
-   (``diffopsearch.search.run``, the ``search`` command's own body, with the search defaults) on a fixed
+   (``diffopsearch.commands.search.run``, the ``search`` command's own body, with the search defaults) on a fixed
    subset of the toy world's test split (the first ``--limit`` questions);
 2. prefill latency at batch 1 and batch 16 against the unreduced model (the plain transformers forward),
    next to the FLOPs ratio, and the operator's own share of the prefill time;
@@ -223,7 +223,7 @@ def run_evaluations(a, model, processor, dataset, n_text: float, settings_key: s
 
 def run_searches(a, model_dir: Path, settings_key: str) -> dict:
     """``diffopsearch search`` (its own body) at every budget, each in work/search-b<budget>/."""
-    from diffopsearch import search as search_mod
+    from diffopsearch.commands import search as search_mod
     from diffopsearch.config import compose
 
     out = {}
@@ -283,33 +283,32 @@ def kept_sections(path) -> str:
 
 @contextlib.contextmanager
 def instrumented(model, timers: _Timers, sync):
-    """Time the reduction step inside the reduced forward (``_scores``, ``_keys``, ``_apply_hard`` of
-    patch/llava.py: scoring, similarity keys, hard_reduce and the splice back into the sequence; and
-    ``_cls_attention``, the CLS score from the vision tower's q/k) and the vision tower + projector
-    (``get_image_features``) of any forward. The decoder loop looks these functions up at call time."""
-    import diffopsearch.patch.llava as P
+    """Time the reduction step inside the reduced forward (``patch.llava.stage_timer``'s "reduce" stage:
+    scoring, similarity keys, hard_reduce and the splice back into the sequence, and the CLS score from
+    the vision tower's q/k) and the vision tower + projector (transformers' ``get_image_features`` of the
+    model, wrapped on the instance) of any forward."""
+    from diffopsearch.patch.llava import stage_timer
 
-    def wrap(fn, field):
-        def timed(*args, **kwargs):
-            sync()
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                sync()
-                setattr(timers, field, getattr(timers, field) + time.perf_counter() - t0)
-        return timed
+    def add(stage, seconds):
+        timers.op += seconds
 
-    saved = {name: getattr(P, name) for name in ("_scores", "_keys", "_apply_hard", "_cls_attention")}
     inner = model.model
+    real = type(inner).get_image_features.__get__(inner)
+
+    def vision(*args, **kwargs):
+        sync()
+        t0 = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            sync()
+            timers.vision += time.perf_counter() - t0
+
     try:
-        for name, fn in saved.items():
-            setattr(P, name, wrap(fn, "op"))
-        inner.get_image_features = wrap(type(inner).get_image_features.__get__(inner), "vision")
-        yield timers
+        inner.get_image_features = vision
+        with stage_timer(add, sync):
+            yield timers
     finally:
-        for name, fn in saved.items():
-            setattr(P, name, fn)
         inner.__dict__.pop("get_image_features", None)
 
 
@@ -552,6 +551,7 @@ def summary(a, evals, searches, latency) -> list[str]:
     return out
 
 
+# A report template: one block per section of BENCHMARKS.md, in the document's order.
 def document(a, argv, info, model_desc, dataset_desc, evals, searches, latency, projections, total_s, rss) -> str:
     budgets = a.budgets
     none = evals.get("none", {}).get(1.0)
@@ -630,11 +630,11 @@ def document(a, argv, info, model_desc, dataset_desc, evals, searches, latency, 
           "rounds that visit the variants in a fresh random order; a ratio is the median over rounds of the "
           "variant's time divided by the reference's time in the same round, so slow drift on a shared machine "
           "cancels.", "",
-          "Operator overhead is timed inside the real forward: the functions of `patch/llava.py` that make up the "
-          "reduction step (`_scores`: FastV's attention score / norms / seeded noise; `_keys`: similarity keys; "
-          "`_apply_hard`: `operators.reduce.hard_reduce` plus splicing the kept tokens back into the sequence; "
-          "`_cls_attention`: the CLS score from the vision tower's q/k) are wrapped with timers for the measured "
-          "forward, and their summed time is divided by that forward's total. Not counted as overhead: the "
+          "Operator overhead is timed inside the real forward by `patch.llava.stage_timer`: its `reduce` stage is "
+          "the reduction step (the site's score: FastV's attention, norms or seeded noise; similarity keys; "
+          "`operators.reduce.hard_reduce` plus splicing the kept tokens back into the sequence; the CLS score from "
+          "the vision tower's q/k), and its summed time is divided by the measured forward's total. Not counted as "
+          "overhead: the "
           "recomputed rotary tables and the rebuilt attention mask after a site (both a few element-wise ops). "
           f"Targets (issue 6): latency ratio <= {TARGET_LATENCY_FACTOR:.2f} x FLOPs ratio, overhead <= "
           f"{100 * TARGET_OVERHEAD:.0f}% of prefill.", ""]

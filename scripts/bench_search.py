@@ -73,6 +73,8 @@ def question_forwards(table: list[dict], screen: int, heldout: int) -> int:
                for r in table)
 
 
+# The benchmark's procedure in the order it runs, (budget, seed) by (budget, seed); every measured piece is
+# cached under --work, so a rerun resumes.
 def main(argv=None) -> int:
     a = parse_args(argv if argv is not None else sys.argv[1:])
     import torch
@@ -83,7 +85,8 @@ def main(argv=None) -> int:
     from diffopsearch.data.datasets import load_from_config, load_qa
     from diffopsearch.evaluate import mean_prompt_text_tokens, visual_token_count
     from diffopsearch.plan import FORMAT, Plan, backbone_info
-    from diffopsearch.search import hold_out, search_plan, settings_from
+    from diffopsearch.commands.search import settings_from
+    from diffopsearch.search import hold_out, search_plan
     from diffopsearch.search.loop import first_site_feasibility, plan_scores, seed_for
     from diffopsearch.search.policy import ArchState
     from diffopsearch.search.select import select_plan
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
                     if few is None or (rec["step"] + 1) % TRACK_EVERY:
                         return
                     t = time.time()
-                    p = planner.plan(state.policy.mode(), state.knobs.floats)
+                    p = planner.plan(state.policy.decode(), state.knobs.floats)
                     track.append({"step": rec["step"] + 1, "ce": plan_scores(model, proc, p, few)["ce"],
                                   "plan": rec["mode"]})
                     track_s[0] += time.time() - t
@@ -139,7 +142,8 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 plan, res = search_plan(model, proc, train, space, settings, n_text, progress=False, heldout=held,
                                         select_samples=int(s.select_samples), select_corners=bool(s.select_corners),
-                                        screen_questions=screen, finalists=finalists, on_step=on_step)
+                                        screen_questions=screen, finalists=finalists, on_step=on_step,
+                                        margin=float(s.select_margin))
                 total = time.time() - t0 - track_s[0]
                 sel = plan.search["selection"]
                 return {"default": [x.to_dict() for x in plan.sites], "gradient": plan.search["gradient_plan"]["sites"],
@@ -164,7 +168,7 @@ def main(argv=None) -> int:
                                                                                   "reweight")})
                     if p is not None:
                         cands.append((f"corner {describe(c, space)}", p))
-                (origin, plan), _, table = select_plan(model, proc, cands, held, screen, finalists)
+                (origin, plan), _, table = select_plan(model, proc, cands, held, screen, finalists, margin=0.0)
                 return {"plan": [x.to_dict() for x in plan.sites], "origin": origin, "s": time.time() - t0,
                         "forwards": question_forwards(table, screen, len(held))}
 

@@ -213,6 +213,7 @@ def table(res: dict) -> str:
     return "\n".join(L)
 
 
+# The check's procedure in the order it runs on the GPU (load, forward checks, search, timings, report).
 def main(argv=None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     a = parse(raw)
@@ -231,7 +232,8 @@ def main(argv=None) -> int:
     from diffopsearch.config import compose, validate
     from diffopsearch.data.datasets import load_from_config, load_qa
     from diffopsearch.evaluate import evaluate, mean_prompt_text_tokens, visual_token_count
-    from diffopsearch.search import hold_out, search_plan, settings_from
+    from diffopsearch.commands.search import settings_from
+    from diffopsearch.search import hold_out, search_plan
     from diffopsearch.search.space import make_space
 
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="gpu_check-"))

@@ -67,7 +67,7 @@ for rec, image in zip(records, images):
 # %% Search a plan from Python (optional): the `diffopsearch search` command's own body
 if args.search:
     from diffopsearch.config import compose
-    from diffopsearch.search import run
+    from diffopsearch.commands.search import run
 
     cfg = compose("search", ["budget=0.5", "search.steps=20", "search.train_limit=256", "limit=100"])
     results = run(cfg, out_dir=out / "search")  # writes plan.json and results.json there

@@ -108,7 +108,7 @@ def setup(work: Path, seed: int = 0) -> tuple[Path, Path]:
 def search_settings(budget: float, overrides=()):
     """``diffopsearch search``'s SearchSettings (its composed config: the defaults as they are now)."""
     from diffopsearch.config import compose
-    from diffopsearch.search import settings_from
+    from diffopsearch.commands.search import settings_from
 
     cfg = compose("search", [f"budget={budget}", "model=llava", *overrides])
     return settings_from(cfg), cfg
@@ -194,7 +194,7 @@ def child_step(a) -> dict:
 
     from diffopsearch.data.datasets import make_train_batch
     from diffopsearch.patch.llava import encode_images
-    from diffopsearch.search.loop import _chunks, plan_losses, reference_logprobs, search
+    from diffopsearch.search.loop import micro_batches, plan_losses, reference_logprobs, search
     from diffopsearch.search.policy import Knobs
     from diffopsearch.search.space import describe
 
@@ -227,7 +227,7 @@ def child_step(a) -> dict:
     recs, imgs = train.batch(list(range(a.batch)))
     batch = make_train_batch(proc, recs, imgs)
     t0 = time.time()
-    for chunk in _chunks(batch, a.micro):
+    for chunk in micro_batches(batch, a.micro):
         vision = encode_images(model, chunk["pixel_values"])
         ref = reference_logprobs(model, chunk, vision)
         plan_losses(model, chunk, sites, ref, "kl", a.ckpt == "on", vision).sum().backward()
@@ -516,6 +516,7 @@ def selection_flops(cfg7, g7, vd7, budget: float, search_cfg, n_text: float) -> 
             "screen": screen}
 
 
+# The projection's arithmetic in the order the section explains it (inputs, per-stage figures, totals).
 def project(meas: dict, a) -> dict:
     """GPU memory and hours of the default and thorough searches on LLaVA-1.5-7B."""
     from diffopsearch import cost
@@ -652,6 +653,7 @@ def _g(x: float) -> str:
     return f"{x / 1e12:.2f}"
 
 
+# A report template: one block per part of the section, in the document's order.
 def document(meas: dict, proj: dict, a, command: str) -> str:
     mi = meas["machine"]
     act = meas["act"]

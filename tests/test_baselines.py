@@ -49,7 +49,7 @@ def test_keep_is_the_largest_that_fits(name, budget):
     plan = make(name, budget)
     (site,) = plan.sites
     assert ratio(plan) <= budget and plan.cost["flops_ratio"] == pytest.approx(ratio(plan))
-    bigger = getattr(baselines, f"{name}_site")(site.layer, site.keep + 1)
+    bigger = baselines.method_site(name, site.layer, site.keep + 1)
     plan.sites = [bigger]
     assert ratio(plan) > budget
 
@@ -66,7 +66,7 @@ def test_tome_r_is_the_smallest_that_fits_and_pool_the_finest_grid():
         keep = plan.sites[0].keep
         finer = [k for k in baselines.pool_keeps(GRID) if k > keep]
         assert ratio(plan) <= budget
-        plan.sites = [baselines.pool_site(0, finer[0])]
+        plan.sites = [baselines.method_site("pool", 0, finer[0])]
         assert ratio(plan) > budget
     assert make("pool", ratio(make("pool", 0.3)) + 1e-9).sites[0].keep == make("pool", 0.3).sites[0].keep
 
@@ -159,7 +159,7 @@ def test_tome_matches_the_reference_over_stacked_layers():
 
 
 def test_pool_is_llava_2x2_average_pooling():
-    budget = ratio(baselines.Plan(sites=[baselines.pool_site(0, 36)], backbone=make("none", 1).backbone))
+    budget = ratio(baselines.Plan(sites=[baselines.method_site("pool", 0, 36)], backbone=make("none", 1).backbone))
     (site,) = make("pool", budget).sites
     assert site.keep == 36 and site.layer == 0
     x, keys, _, pos, coords = inputs(seed=3)
@@ -199,7 +199,7 @@ def test_prumerge_matches_the_reference():
         spiky[:, 3::7] += 5.0  # 21 clear outliers
         # fewer outliers than keep (spatial fill), and more outliers than keep (the best of them)
         for scores, keep, fill in ((s, site.keep, True), (spiky, 5, False)):
-            out = hard_reduce(x, keys, scores, pos, coords, None, baselines.prumerge_site(0, keep))
+            out = hard_reduce(x, keys, scores, pos, coords, None, baselines.method_site("prumerge", 0, keep))
             for b in range(2):
                 ref, n_out = prumerge_reference(x[b], keys[b], scores[b], keep)
                 assert (n_out < keep) == fill
@@ -232,7 +232,7 @@ def test_visionzip_matches_the_reference():
     assert (site.score, site.anchors, site.merge, site.sharpness) == ("cls", "dominant", 1.0, math.inf)
     for keep in (site.keep, 64):
         x, keys, s, pos, coords = inputs(seed=20 + keep)
-        out = hard_reduce(x, keys, s, pos, coords, None, baselines.visionzip_site(0, keep))
+        out = hard_reduce(x, keys, s, pos, coords, None, baselines.method_site("visionzip", 0, keep))
         for b in range(2):
             ref, c = visionzip_reference(x[b], keys[b], s[b], keep)
             assert out.index[b].tolist() == sorted(ref)

@@ -1,7 +1,7 @@
 """The `diffopsearch` command: dispatch, Hydra behaviour, exit codes, sweeps.
 
-The command bodies (search / evaluate / report / prepare_toy) are replaced by fakes here, so
-these tests check the CLI alone, in seconds."""
+The command bodies (search / evaluate / report / prepare_toy) are replaced by fakes here (the
+``bodies`` fixture, tests/conftest.py), so these tests check the CLI alone, in seconds."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -17,46 +16,13 @@ import yaml
 
 import diffopsearch
 from diffopsearch import cli
-from diffopsearch.config import run_dir
 from diffopsearch.errors import UserError
+from fixtures import run_cli  # tests/fixtures.py: the in-process runner
 
 REPO = Path(diffopsearch.__file__).resolve().parent.parent
 
 
 pytestmark = pytest.mark.usefixtures("clean_cli_env")  # tests/conftest.py
-
-
-@pytest.fixture
-def bodies(monkeypatch):
-    """Fake search / evaluate / report modules; `calls` records (command, cfg) and a body may be
-    told to fail with `fail[command] = exception or callable(cfg)`."""
-    calls, fail = [], {}
-
-    def make(command):
-        def run(cfg):
-            calls.append((command, cfg))
-            err = fail.get(command)
-            if callable(err) and not isinstance(err, BaseException):
-                err = err(cfg)
-            if err is not None:
-                raise err
-            out = run_dir()
-            (out / "results.json").write_text(json.dumps({"command": command, "budget": cfg.get("budget")}))
-            return {"ok": True}
-        return run
-
-    for command, module in (("search", "diffopsearch.search"), ("eval", "diffopsearch.evaluate"),
-                            ("report", "diffopsearch.report")):
-        fake = types.ModuleType(module)
-        fake.run = make(command)
-        monkeypatch.setitem(sys.modules, module, fake)
-    return types.SimpleNamespace(calls=calls, fail=fail)
-
-
-def run_cli(capsys, *argv):
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -11,6 +11,7 @@ import pytest
 
 import fixtures as fx  # tests/fixtures.py (pytest puts tests/ on sys.path)
 from diffopsearch import evaluate as ev
+from diffopsearch.commands import eval as eval_cmd
 from diffopsearch.data.datasets import load_qa
 from diffopsearch.errors import UserError
 
@@ -273,7 +274,7 @@ def patched_backbone(monkeypatch, tiny):
 
 def test_run_writes_results_in_the_out_dir(tmp_path, patched_backbone):
     data = fx.write_gqa(tmp_path / "GQA", n_images=3, per_image=2)
-    r = ev.run(_cfg(data, limit=4), out_dir=tmp_path / "run")
+    r = eval_cmd.run(_cfg(data, limit=4), out_dir=tmp_path / "run")
     assert patched_backbone and r["n"] == 4 and r["limit"] == 4 and r["model"] == "toy"
     assert r["plan"]["method"] == "none" and r["plan"]["sites"] == []  # plan=none: same reduced forward, no site
     assert json.loads((tmp_path / "run" / ev.RESULTS_NAME).read_text())["n"] == 4
@@ -282,8 +283,8 @@ def test_run_writes_results_in_the_out_dir(tmp_path, patched_backbone):
 def test_a_rerun_in_a_new_run_dir_only_computes_what_is_missing(tmp_path, monkeypatch, patched_backbone):
     monkeypatch.chdir(tmp_path)  # the shared answer cache lives under ./outputs/.answers
     data = fx.write_gqa(tmp_path / "GQA", n_images=3, per_image=2)
-    first = ev.run(_cfg(data, limit=4), out_dir=tmp_path / "run1")
-    second = ev.run(_cfg(data, limit=6), out_dir=tmp_path / "run2")
+    first = eval_cmd.run(_cfg(data, limit=4), out_dir=tmp_path / "run1")
+    second = eval_cmd.run(_cfg(data, limit=6), out_dir=tmp_path / "run2")
     assert first["throughput"]["cached"] == 0
     assert second["throughput"]["cached"] == 4 and second["throughput"]["generated"] == 2
     assert _answers(tmp_path / "run2").items() >= _answers(tmp_path / "run1").items()
@@ -300,13 +301,13 @@ def test_run_a_baseline_then_its_plan_file(tmp_path, monkeypatch):
             toy.build_processor())
     monkeypatch.setattr(load, "load_backbone", lambda model_cfg, device=None: deep)
     data = fx.write_gqa(tmp_path / "GQA", n_images=3, per_image=2)
-    r = ev.run(_cfg(data, plan={"name": "fastv", "layer": None, "seed": 0}, budget=0.8), out_dir=tmp_path / "a")
+    r = eval_cmd.run(_cfg(data, plan={"name": "fastv", "layer": None, "seed": 0}, budget=0.8), out_dir=tmp_path / "a")
     per_layer = r["visual_tokens"]["per_layer"]
     assert r["plan"]["method"] == "fastv" and r["flops_ratio"] <= 0.8 and r["budget"] == 0.8
     assert per_layer[:2] == [144, 144] and per_layer[2] == per_layer[3] < 144  # FastV K=2
     assert r["visual_tokens"]["avg"] == pytest.approx(sum(per_layer) / 4)
     load_plan(r["plan"]).save(tmp_path / "search" / "plan.json")
-    again = ev.run(_cfg(data, ckpt=str(tmp_path / "search")), out_dir=tmp_path / "b")
+    again = eval_cmd.run(_cfg(data, ckpt=str(tmp_path / "search")), out_dir=tmp_path / "b")
     assert again["flops_ratio"] == pytest.approx(r["flops_ratio"]) and again["ckpt"] == str(tmp_path / "search")
     assert _answers(tmp_path / "b") == _answers(tmp_path / "a")
 
@@ -314,21 +315,21 @@ def test_run_a_baseline_then_its_plan_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize("limit", [0, -3])
 def test_run_refuses_a_non_positive_limit(tmp_path, limit, patched_backbone):
     with pytest.raises(UserError, match="limit"):
-        ev.run(_cfg(tmp_path, limit=limit), out_dir=tmp_path / "run")
+        eval_cmd.run(_cfg(tmp_path, limit=limit), out_dir=tmp_path / "run")
     assert not patched_backbone  # refused before anything is loaded
 
 
 def test_ckpt_errors(tmp_path, patched_backbone):
     data = fx.write_gqa(tmp_path / "GQA", n_images=1, per_image=1)
     with pytest.raises(UserError, match="does not exist"):
-        ev.run(_cfg(data, ckpt=str(tmp_path / "missing.json")), out_dir=tmp_path / "run")
+        eval_cmd.run(_cfg(data, ckpt=str(tmp_path / "missing.json")), out_dir=tmp_path / "run")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="without a plan.json"):
-        ev.run(_cfg(data, ckpt=str(tmp_path / "empty")), out_dir=tmp_path / "run")
+        eval_cmd.run(_cfg(data, ckpt=str(tmp_path / "empty")), out_dir=tmp_path / "run")
     (tmp_path / "both").mkdir()
     (tmp_path / "both" / "plan.json").write_text("{}")
     with pytest.raises(UserError, match="not both"):
-        ev.run(_cfg(data, ckpt=str(tmp_path / "both"), plan={"name": "fastv", "layer": None, "seed": 0}),
+        eval_cmd.run(_cfg(data, ckpt=str(tmp_path / "both"), plan={"name": "fastv", "layer": None, "seed": 0}),
                out_dir=tmp_path / "run")
     assert not patched_backbone  # all refused before the model is loaded
 
@@ -349,9 +350,10 @@ import json, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import fixtures as fx
 from diffopsearch.data.datasets import load_qa
-from diffopsearch.evaluate import evaluate, make_accelerator
+from diffopsearch.evaluate import evaluate
+from diffopsearch.runtime import make_accelerator
 
-acc = make_accelerator({{"device": "auto"}})  # what `diffopsearch eval` uses
+acc = make_accelerator("auto")  # what `diffopsearch eval` uses
 model, proc = fx.tiny_model()
 ds = load_qa("gqa", sys.argv[1])
 r = evaluate(model, proc, None, ds, batch_size=int(sys.argv[3]), max_new_tokens=1, accelerator=acc,

@@ -17,7 +17,7 @@ import pytest
 
 import fixtures as fx  # tests/fixtures.py
 from diffopsearch import cli
-from test_cli import bodies, run_cli  # noqa: F401  (the fake-bodies fixture, the in-process runner)
+from fixtures import run_cli  # the in-process runner; the fake bodies are `bodies` (tests/conftest.py)
 
 
 pytestmark = pytest.mark.usefixtures("clean_cli_env")  # tests/conftest.py
@@ -103,7 +103,7 @@ def searched(world, monkeypatch):
         make_plan("fastv", 0.6, config.text_config, n_visual, grid, 20.0).save(run_dir() / "plan.json")
         return {"ok": True}
 
-    monkeypatch.setitem(sys.modules, "diffopsearch.search", types.SimpleNamespace(run=run))
+    monkeypatch.setitem(sys.modules, "diffopsearch.commands.search", types.SimpleNamespace(run=run))
 
 
 def test_search_ends_with_show_and_eval_commands_that_run(world, searched, capsys, tmp_path):
@@ -124,7 +124,7 @@ def test_search_ends_with_show_and_eval_commands_that_run(world, searched, capsy
     assert json.loads((tmp_path / block(out)["run dir"][0] / "results.json").read_text())["n"] == 2
 
 
-def test_a_sweep_ends_with_the_report_command_for_its_directory(bodies, capsys, tmp_path):  # noqa: F811
+def test_a_sweep_ends_with_the_report_command_for_its_directory(bodies, capsys, tmp_path):
     code, out, err = run_cli(capsys, "search", "-m", "budget=0.8,0.6")
     assert code == 0, err
     assert out.count("diffopsearch search: done") == 2  # one block per job
@@ -135,7 +135,7 @@ def test_a_sweep_ends_with_the_report_command_for_its_directory(bodies, capsys, 
 
 
 @pytest.mark.parametrize("env", [{"RANK": "1"}, {"DIFFOPSEARCH_LAUNCHED": "1"}])
-def test_only_the_main_process_prints_the_block(bodies, capsys, monkeypatch, env):  # noqa: F811
+def test_only_the_main_process_prints_the_block(bodies, capsys, monkeypatch, env):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     code, out, err = run_cli(capsys, "eval")
@@ -146,7 +146,7 @@ def test_only_the_main_process_prints_the_block(bodies, capsys, monkeypatch, env
 # --------------------------------------------------------------------------- the libraries kept quiet
 
 
-def test_after_the_cli_setup_library_progress_bars_are_off(bodies, capsys):  # noqa: F811
+def test_after_the_cli_setup_library_progress_bars_are_off(bodies, capsys):
     import datasets
     import huggingface_hub.utils as hub
     import transformers.utils.logging as tlog
@@ -170,7 +170,7 @@ def transformers_warnings():
 
 
 def test_library_records_go_to_the_log_file_and_only_their_errors_to_the_terminal(
-        bodies, transformers_warnings, capsys, tmp_path):  # noqa: F811
+        bodies, transformers_warnings, capsys, tmp_path):
     def chatty(cfg):
         logging.getLogger("transformers.modeling_utils").warning("some transformers advice")
         logging.getLogger("datasets.builder").warning("some datasets notice")
@@ -178,7 +178,7 @@ def test_library_records_go_to_the_log_file_and_only_their_errors_to_the_termina
         logging.getLogger("diffopsearch.evaluate").warning("our own warning")
         return {}
 
-    sys.modules["diffopsearch.evaluate"].run = chatty
+    sys.modules["diffopsearch.commands.eval"].run = chatty
     code, out, err = run_cli(capsys, "eval", f"hydra.run.dir={tmp_path / 'r'}")
     assert code == 0, err
     terminal = out + err
@@ -189,15 +189,15 @@ def test_library_records_go_to_the_log_file_and_only_their_errors_to_the_termina
         assert message in logged
 
 
-def test_hydra_verbose_keeps_the_libraries_records_on_the_terminal(bodies, transformers_warnings, capsys,  # noqa: F811
+def test_hydra_verbose_keeps_the_libraries_records_on_the_terminal(bodies, transformers_warnings, capsys,
                                                                    tmp_path):
-    sys.modules["diffopsearch.evaluate"].run = lambda cfg: logging.getLogger("transformers.x").warning("advice") or {}
+    sys.modules["diffopsearch.commands.eval"].run = lambda cfg: logging.getLogger("transformers.x").warning("advice") or {}
     code, out, err = run_cli(capsys, "eval", "hydra.verbose=true", f"hydra.run.dir={tmp_path / 'r'}")
     assert code == 0, err
     assert "advice" in out + err
 
 
-def test_known_harmless_warnings_are_filtered_and_others_are_not(bodies, capsys):  # noqa: F811
+def test_known_harmless_warnings_are_filtered_and_others_are_not(bodies, capsys):
     import warnings
 
     assert run_cli(capsys, "eval")[0] == 0

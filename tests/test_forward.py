@@ -1,7 +1,8 @@
-"""The reduced LLaVA forward (patch/llava.py): hard sites, scores, cached decoding, the search's forward, FLOPs.
+"""The reduced LLaVA forward (patch/llava/): hard sites, scores, cached decoding, the search's forward, FLOPs.
 
 Every test runs a tiny random LLaVA of the real classes (CLIP 96 px / patch 16 = 6 x 6 = 36 visual
-tokens, a 4-layer GQA Llama) on a left-padded batch, so per-sample offsets differ.
+tokens, a 4-layer GQA Llama: ``tiny`` in tests/fixtures.py) on a left-padded batch, so per-sample offsets
+differ.
 """
 from __future__ import annotations
 
@@ -9,44 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffopsearch.backbone.toy import build_model
 from diffopsearch.patch import llava as P
 from diffopsearch.plan import Plan, Site, backbone_info
-
-VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
-          "image_size": 96, "patch_size": 16}
-TEXT = {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-        "num_key_value_heads": 2}
-N_VIS = 36
-
-
-def tiny(impl: str = "sdpa", seed: int = 0):
-    m = build_model(seed, vision=VISION, text=TEXT)
-    if impl != "sdpa":
-        m.set_attn_implementation(impl)
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m
-
-
-def batch(model, prompt_lens=(5, 2, 8), seed=0):
-    """Left-padded batch: bos, a few words, 36 image tokens, a few words; one image per sample."""
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    pre = [int(x) for x in torch.randint(5, cfg.text_config.vocab_size, (2,), generator=g)]
-    rows = []
-    for n_words in prompt_lens:
-        words = torch.randint(5, cfg.text_config.vocab_size, (n_words,), generator=g).tolist()
-        rows.append([1] + pre + [cfg.image_token_id] * N_VIS + words)
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), cfg.pad_token_id)
-    am = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r)
-        am[b, T - len(r):] = 1
-    pix = torch.randn(len(rows), 3, 96, 96, generator=g)
-    pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
-    return dict(input_ids=ids, attention_mask=am, pixel_values=pix), pos
+from fixtures import N_VIS, batch, embeddings, tiny  # tests/fixtures.py: the tiny LLaVA and its batches
 
 
 def real(inputs, length):
@@ -64,25 +30,16 @@ def reduced(model, sites, seed=0):
     return P.apply_plan(model, Plan(sites=list(sites), backbone=backbone_info(model.config), seed=seed))
 
 
-def embeddings(model, inputs):
-    """inputs_embeds with image features scattered in, as LlavaModel makes them."""
-    ids = inputs["input_ids"]
-    emb = model.model.get_input_embeddings()(ids)
-    feats = torch.cat(list(model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                           return_dict=True).pooler_output))
-    return emb.masked_scatter((ids == model.config.image_token_id)[..., None], feats)
-
-
 def capture_scores(monkeypatch):
     """Record the scores every hard site receives."""
     seen = []
-    real = P.hard_reduce
+    real = P.forward.hard_reduce
 
     def spy(x, keys, scores, pos, coords, sizes, s):
         seen.append(dict(scores=scores, pos=pos, keys=keys, coords=coords))
         return real(x, keys, scores, pos, coords, sizes, s)
 
-    monkeypatch.setattr(P, "hard_reduce", spy)
+    monkeypatch.setattr(P.forward, "hard_reduce", spy)
     return seen
 
 

@@ -4,18 +4,31 @@ Requests are real lmms-eval ``Instance`` objects built as lmms-eval's Configurab
 for its GQA task (its own ``gqa_doc_to_text`` / ``gqa_doc_to_visual`` and generation_kwargs), over a
 small toy world in GQA's schema. The answers must be the ones ``diffopsearch eval`` gives for the same
 questions and plan. Skipped where lmms-eval is not installed (it is the optional extra
-``diffopsearch[lmms]``, not part of ``[test]``).
+``diffopsearch[lmms]``, not part of ``[test]``), except with DIFFOPSEARCH_REQUIRE_LMMS=1 (set by
+``.ci/run``'s lmms-eval step): then a missing or broken lmms-eval fails the module instead.
 """
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-lmms_eval = pytest.importorskip("lmms_eval")
-pytest.importorskip("lmms_eval.api.model")
+# CI's lmms-eval step sets it, so that this module can never be skipped there without anyone noticing
+REQUIRE_LMMS = os.environ.get("DIFFOPSEARCH_REQUIRE_LMMS", "") not in ("", "0")
+
+
+def _import_or_skip(name: str):
+    if REQUIRE_LMMS:
+        return importlib.import_module(name)  # an ImportError here is a collection error: the step fails
+    return pytest.importorskip(name)
+
+
+lmms_eval = _import_or_skip("lmms_eval")
+_import_or_skip("lmms_eval.api.model")
 
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.tasks.gqa.utils import gqa_doc_to_text, gqa_doc_to_visual  # noqa: E402
@@ -184,7 +197,10 @@ def test_lmms_eval_finds_the_model_by_its_entry_point():
     from importlib.metadata import entry_points
 
     if not any(ep.name == LMMS_MODEL_ID for ep in entry_points(group="lmms_eval.models")):
-        pytest.skip("this installation of diffopsearch predates its entry point: reinstall it (pip install -e .)")
+        msg = "this installation of diffopsearch predates its entry point: reinstall it (pip install -e .)"
+        if REQUIRE_LMMS:
+            pytest.fail(msg)
+        pytest.skip(msg)
     import lmms_eval.models
 
     assert lmms_eval.models.get_model(LMMS_MODEL_ID) is DiffopsearchLlava

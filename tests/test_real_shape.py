@@ -222,7 +222,7 @@ def test_knob_gradients_do_not_depend_on_checkpointing_or_micro_batches(real):
     from diffopsearch.backbone.load import load_backbone
     from diffopsearch.data.datasets import load_qa, make_train_batch
     from diffopsearch.patch.llava import encode_images
-    from diffopsearch.search.loop import _chunks, plan_losses, reference_logprobs
+    from diffopsearch.search.loop import micro_batches, plan_losses, reference_logprobs
     from diffopsearch.search.space import SearchSite
 
     model, processor = load_backbone(str(real[0]), dtype="float32", device="cpu")
@@ -234,7 +234,7 @@ def test_knob_gradients_do_not_depend_on_checkpointing_or_micro_batches(real):
         knobs = {k: torch.tensor(v, requires_grad=True) for k, v in
                  (("merge", 0.7), ("sharpness", 20.0), ("locality", 2.0), ("reweight", 0.5))}
         sites = [SearchSite(layer=2, keep=200, score="attn", anchors="topk", **knobs)]
-        for chunk in _chunks(batch, micro):
+        for chunk in micro_batches(batch, micro):
             vision = encode_images(model, chunk["pixel_values"])
             ref = reference_logprobs(model, chunk, vision)
             loss = plan_losses(model, chunk, sites, ref, "kl", checkpoint, vision).sum() / 4

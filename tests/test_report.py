@@ -330,13 +330,12 @@ def test_bench_times_the_operator_inside_the_forward():
     recs = [{"id": "q", "question": "what color is the circle ?", "answer": "red", "type": "attribute"}]
     batch = make_eval_batch(processor, recs, [Image.new("RGB", (192, 192), (200, 30, 30))])
     plan = make_plan("fastv", 0.7, model.config.text_config, 144, (12, 12), 20.0)
-    saved = P._apply_hard
     for fwd, has_op in ((model, False), (apply_plan(model, plan), True)):
         t = bench._Timers()
         with bench.instrumented(model, t, lambda: None):
             prefill(fwd, batch)
         assert t.vision > 0 and (t.op > 0) == has_op
-    assert P._apply_hard is saved and "get_image_features" not in model.model.__dict__  # all restored
+    assert P.forward._RECORD is None and "get_image_features" not in model.model.__dict__  # all restored
 
 
 def test_bench_arguments():

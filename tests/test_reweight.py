@@ -11,8 +11,7 @@ import torch
 from diffopsearch.baselines import make_plan
 from diffopsearch.patch import llava as P
 from diffopsearch.plan import Plan, Site, backbone_info
-
-from test_forward import N_VIS, batch, embeddings, tiny
+from fixtures import N_VIS, batch, embeddings, tiny  # tests/fixtures.py: the tiny LLaVA and its batches
 
 GRID = int(math.isqrt(N_VIS))
 
@@ -40,14 +39,14 @@ def test_stacked_merges_bias_is_log_of_the_current_size(monkeypatch):
              Site(layer=1, keep=12, score="attn", anchors="topk", merge=1.0, sharpness=math.inf, reweight=1.0),
              Site(layer=2, keep=6, score="norm", anchors="topk", merge=1.0, sharpness=math.inf, reweight=0.0)]
     sizes_after = []
-    real_reduce = P.hard_reduce
+    real_reduce = P.forward.hard_reduce
 
     def spy(x, keys, scores, p, coords, sizes, s):
         out = real_reduce(x, keys, scores, p, coords, sizes, s)
         sizes_after.append(out.sizes.gather(1, out.pos.argsort(1)))  # position order, as spliced
         return out
 
-    monkeypatch.setattr(P, "hard_reduce", spy)
+    monkeypatch.setattr(P.forward, "hard_reduce", spy)
     seen, handles = masks_seen(m)
     try:
         with torch.no_grad():

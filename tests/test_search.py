@@ -3,6 +3,7 @@ selection, memory. Tiny random LLaVAs of the real classes; the trained toy backb
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -16,23 +17,13 @@ import fixtures as fx  # tests/fixtures.py
 from diffopsearch.errors import UserError
 from diffopsearch.search import search_plan
 from diffopsearch.search.checkpoint import CKPT_DIR
-from diffopsearch.search.loop import LOG_NAME, SearchSettings, leave_one_out, plan_losses, reference_logprobs
+from diffopsearch.search.loop import (LOG_NAME, SearchSettings, leave_one_out, plan_losses, policy_objective,
+                                      reference_logprobs)
 from diffopsearch.search.policy import ArchState, Knobs, Policy
-from diffopsearch.search.space import OPS, Choice, Planner, corner_choices, make_space
+from diffopsearch.search.space import OPS, Choice, Planner, SearchSpace, corner_choices, make_space
 
 ROOT = Path(__file__).resolve().parent.parent
-TEXT4 = {**fx.TINY_TEXT, "num_hidden_layers": 4}
 N_TEXT = 20.0
-
-
-@pytest.fixture(scope="module")
-def tiny4():
-    from diffopsearch.backbone import toy
-
-    model = toy.build_model(0, vision={**fx.TINY_VISION, "initializer_range": 0.5},
-                            text={**TEXT4, "initializer_range": 0.5})
-    model.requires_grad_(False)
-    return model, toy.build_processor()
 
 
 @pytest.fixture(scope="module")
@@ -139,29 +130,44 @@ def test_leave_one_out_advantages():
 
 def test_keeping_more_tokens_lowers_the_loss_and_the_signal_says_keep_more(tiny4, train):
     """A constructed case on the real forward: the same two sites, the second keeping 70% or 10% of the
-    first. Keeping more lowers the KL to the unreduced model, and one score-function step on these plans
-    moves the policy's ratio towards 0.7 (a signal the old straight-through relaxation did not have)."""
+    first. Keeping more lowers the KL to the unreduced model, and one step of the search's own objective
+    on these plans (paired with the first site alone) moves the policy's ratio towards 0.7 (a signal the old
+    straight-through relaxation did not have)."""
     model, proc = tiny4
     pl = _planner(model, budget=0.95)
     b = _batch(model, proc, train)
     ref = reference_logprobs(model, b)
     space, k = pl.space, Knobs()
     r_more, r_less = space.ratios.index(0.7), space.ratios.index(0.1)
+    alone = Choice(1, _op("prune/attn"))
     more = Choice(1, _op("prune/attn"), (2, _op("prune/norm"), r_more))
     less = Choice(1, _op("prune/attn"), (2, _op("prune/norm"), r_less))
     sites_more, sites_less = pl.hard_sites(more, k.floats), pl.hard_sites(less, k.floats)
     assert sites_more[0].keep == sites_less[0].keep and sites_more[1].keep > sites_less[1].keep
     with torch.no_grad():
-        loss = [float(plan_losses(model, b, s, ref).mean()) for s in (sites_more, sites_less)]
-    assert loss[0] < loss[1]
+        loss = [float(plan_losses(model, b, pl.hard_sites(c, k.floats), ref).mean()) for c in (alone, more, less)]
+    assert loss[1] < loss[2]
     state = ArchState(space, torch.ones(len(space.layers), len(OPS), dtype=torch.bool))
     opt = torch.optim.Adam(state.policy.parameters(), lr=0.1)
-    before = state.policy.factors()["ratio"].exp().detach()
-    adv = leave_one_out(-torch.log(torch.tensor(loss) + 1e-4))
-    (-(adv * torch.stack([state.policy.log_prob(more), state.policy.log_prob(less)])).mean()).backward()
+    before = state.policy.factors()["ratio"].exp().detach()[_op("prune/norm")]
+    r = [-math.log(x + 1e-4) for x in loss]
+    policy_objective(state.policy, [(alone, more), (alone, less)], [r[0], r[0]], [r[1], r[2]], 0.0).backward()
     opt.step()
-    after = state.policy.factors()["ratio"].exp().detach()
+    after = state.policy.factors()["ratio"].exp().detach()[_op("prune/norm")]
     assert after[r_more] > before[r_more] and after[r_less] < before[r_less]
+
+
+def test_a_second_site_that_helps_raises_its_probability_and_one_that_hurts_lowers_it():
+    """The "second site follows" decision gets the exact paired gradient q (1 - q) (r_two - r_one)."""
+    space = SearchSpace(layers=(0, 1, 2), n_visual=16, grid=(4, 4), num_layers=3)
+    for gain, sign in ((+0.5, 1), (-0.5, -1)):
+        state = ArchState(space, torch.ones(3, len(OPS), dtype=torch.bool))
+        one = Choice(0, _op("merge/cls"))
+        two = Choice(0, _op("merge/cls"), (1, _op("prune/attn"), 0))
+        policy_objective(state.policy, [(one, two)], [1.0], [1.0 + gain], 0.0).backward()
+        g = float(state.policy.two.grad[0])
+        assert sign * g < 0  # minimising: a helpful second site gets a negative gradient, i.e. a rising logit
+        assert g == pytest.approx(-0.25 * gain / (abs(gain) / math.sqrt(2) + 1e-6), rel=1e-3)
 
 
 # ---------------------------------------------------------------- the loop
@@ -271,17 +277,6 @@ def test_saved_activations_of_a_knob_backward_are_bounded_by_the_shapes(tiny4, t
 
 # ---------------------------------------------------------------- the command, 1 and 2 processes
 
-def _tiny_model_dir(path: Path) -> Path:
-    from diffopsearch.backbone import toy
-
-    # two CLIP layers: the LLaVA feature layer (-2) is then a layer's output, so the CLS score exists
-    model = toy.build_model(0, vision={**fx.TINY_VISION, "num_hidden_layers": 2, "initializer_range": 0.5},
-                            text={**TEXT4, "initializer_range": 0.5})
-    model.save_pretrained(path)
-    toy.build_processor().save_pretrained(path)
-    return path
-
-
 CLI_ARGS = ["budget=0.5", "limit=6", "batch_size=3", "max_new_tokens=2", "search.steps=3", "search.batch_size=4",
             "search.plans_per_step=3", "search.train_limit=16", "search.checkpoint_every=2",
             "search.candidate_layers=[0,1,2]", "search.select_questions=4", "model.device=cpu"]
@@ -289,7 +284,7 @@ CLI_ARGS = ["budget=0.5", "limit=6", "batch_size=3", "max_new_tokens=2", "search
 
 @pytest.mark.slow
 def test_cli_search_one_and_two_processes(tmp_path):
-    model_dir = _tiny_model_dir(tmp_path / "tiny")
+    model_dir = fx.tiny_model_dir(tmp_path / "tiny")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     args = CLI_ARGS + [f"model.path={model_dir}"]

@@ -81,10 +81,10 @@ def test_a_crashing_eval_job_is_recorded_and_the_sweep_goes_on(world, tmp_path, 
 
     real = ev.resolve_plan
 
-    def flaky(cfg, model, n_text):
-        if cfg.budget == 0.8:
+    def flaky(model, n_text, **spec):
+        if spec["budget"] == 0.8:
             raise RuntimeError("simulated crash")
-        return real(cfg, model, n_text)
+        return real(model, n_text, **spec)
 
     monkeypatch.setattr(ev, "resolve_plan", flaky)
     sweep = tmp_path / "sweep"

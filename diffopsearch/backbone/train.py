@@ -391,6 +391,8 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+# The training recipe reads top to bottom as one screen (data, model, optimiser, loop, checkpoints), as
+# nanoGPT's train.py does.
 def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
     """Train the toy backbone into ``out_dir`` (a from_pretrained directory), resuming from
     ``out_dir/checkpoint`` if an earlier run was interrupted. Returns the final evaluation."""

@@ -60,7 +60,8 @@ class DiffopsearchLlava(lmms):
                             f"it takes {', '.join(ARGS)}.")
         from ..backbone.load import load_backbone
         from ..config import MODEL_DTYPES, PLAN_NAMES, ModelConfig, check_budget
-        from ..evaluate import make_accelerator, resolve_plan
+        from ..evaluate import resolve_plan
+        from ..runtime import make_accelerator
 
         try:
             self.batch_size_per_gpu = int(batch_size)
@@ -82,15 +83,14 @@ class DiffopsearchLlava(lmms):
         baseline = name in PLAN_NAMES
         if baseline and name != "none" and budget is None:
             raise UserError(f"plan={name} is a baseline: give its FLOPs budget too, e.g. plan={name},budget=0.5.")
-        self._plan_spec = {"ckpt": None if baseline else name,
-                           "plan": {"name": name if baseline else "none", "layer": layer, "seed": int(seed)},
-                           "budget": 1.0 if budget is None else check_budget(budget)}
+        self._plan_spec = {"ckpt": None if baseline else name, "name": name if baseline else "none", "layer": layer,
+                           "seed": int(seed), "budget": 1.0 if budget is None else check_budget(budget)}
         if not baseline:
             from ..evaluate import plan_source
 
-            plan_source(self._plan_spec)  # a bad path fails before the model is loaded
+            plan_source(self._plan_spec["ckpt"])  # a bad path fails before the model is loaded
 
-        self.accelerator = make_accelerator(model_cfg)
+        self.accelerator = make_accelerator(model_cfg.device)
         multi = self.accelerator.num_processes > 1
         self._model, self.processor = load_backbone(model_cfg, device=self.accelerator.device if multi else None)
         self._device = next(self._model.parameters()).device
@@ -100,7 +100,7 @@ class DiffopsearchLlava(lmms):
         self.plan = None
         self._reduced = None
         if not baseline or name == "none":  # (no sites: the prompt length only enters its cost record)
-            self._use_plan(resolve_plan(self._plan_spec, self._model, 0.0))
+            self._use_plan(resolve_plan(self._model, 0.0, **self._plan_spec))
 
     # ------------------------------------------------------------------ what lmms-eval reads
     @property
@@ -157,7 +157,7 @@ class DiffopsearchLlava(lmms):
         lens = [len(x) - 1 for x in self.tokenizer([format_context(c, self.processor) for c in contexts])["input_ids"]]
         total = Procs(self.accelerator).gather([(sum(lens), len(lens))])
         n = sum(c for _, c in total)
-        self._use_plan(resolve_plan(self._plan_spec, self._model, sum(s for s, _ in total) / max(n, 1)))
+        self._use_plan(resolve_plan(self._model, sum(s for s, _ in total) / max(n, 1), **self._plan_spec))
 
     # ------------------------------------------------------------------ inputs
     def _images(self, doc_to_visual, task, split, doc_id) -> list:

@@ -1,7 +1,7 @@
 """The five-knob reduction operator of docs/DESIGN.md section 2. Pure batched tensor maths.
 
 Inputs at a site (the visual segment only): x (B, n, d) hidden states, keys (B, n, c) the
-similarity metric (patch/llava.py passes the previous layer's keys averaged over kv heads, as ToMe
+similarity metric (patch/llava/ passes the previous layer's keys averaged over kv heads, as ToMe
 does, and the hidden states at layer 0; may be None when nothing needs a similarity), scores (B, n) importance (higher = more important; None for
 grid / bipartite), pos (B, n) long original position ids (increasing), coords (B, n, 2) float grid
 (row, col), sizes (B, n) how many original tokens each token stands for (None = ones).
@@ -34,7 +34,7 @@ anchor; lambda = inf: nearest anchor, it wins if both are inf; both 0: evenly). 
 this is docs/DESIGN.md's formula). Reweight: the key bias ``rho * log(size)`` (:func:`key_bias`,
 ``Reduced.bias``), which the forward adds to these tokens' attention logits in all later layers.
 Across stacked sites the bias is of the token's *current* cumulative size, never a sum of the
-sites' biases (patch/llava.py, ``reweight_after``).
+sites' biases (patch/llava/forward.py, ``reweight_after``).
 
 Knobs may be floats or 0-d tensors that require grad (the search learns them through this function:
 the output is differentiable in merge, sharpness, locality and reweight).

@@ -4,12 +4,13 @@
 One step, on one batch of the search split:
 
 1. the unreduced model's answer distribution (no grad): the reference;
-2. ``plans_per_step`` plans drawn from the policy (:mod:`.policy`), each run for real without a graph:
+2. plans drawn from the policy in pairs, a first site alone and with a second site
+   (:func:`draw_pairs`), up to ``plans_per_step`` distinct ones, each run for real without a graph:
    a hard forward with a truly shorter sequence (:func:`diffopsearch.patch.llava.search_forward`) and
    its loss (KL to the reference by default, or the answer CE);
-3. the policy's score-function gradient: each plan's advantage is its reward (minus the log of its
-   loss) against the mean of the *other* plans on the same batch (leave-one-out), normalised by their
-   spread;
+3. the policy's gradient (:func:`policy_objective`): the first site's score function against the
+   other pairs (leave-one-out); the second site's from the paired difference it makes on the same
+   questions; the reward is minus the log of the loss;
 4. the knobs' gradient: the ``knob_plans`` best plans of the step run again with tensor knobs and
    their loss is backpropagated through the reduced forward (one plan's graph alive at a time;
    ``micro_batch`` and activation checkpointing bound it further);
@@ -80,12 +81,13 @@ class SearchSettings:
     checkpoint_every: int = _SCHEMA.checkpoint_every
     grad_clip: float = _SCHEMA.grad_clip
 
-    def key(self, space: SearchSpace, n_text: float, n_train: int) -> str:
-        """Fingerprint of everything that determines the trajectory (resume refuses a mismatch)."""
+    def key(self, space: SearchSpace, n_text: float, n_train: int, cost: dict | None = None) -> str:
+        """Fingerprint of everything that determines the trajectory (resume refuses a mismatch); ``cost``:
+        the latency model's identity under cost=latency."""
         blob = json.dumps({"settings": {k: v for k, v in asdict(self).items()
                                         if k not in ("checkpoint_every", "micro_batch", "checkpoint_layers")},
-                           "space": space.to_dict(), "n_text": round(float(n_text), 6), "n_train": n_train},
-                          sort_keys=True)
+                           "space": space.to_dict(), "n_text": round(float(n_text), 6), "n_train": n_train,
+                           **({"cost": cost} if cost else {})}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -125,15 +127,16 @@ class Batches:
 
 def answer_terms(logits: torch.Tensor, target: torch.Tensor):
     """Of answer-position logits (B, W, V) and their targets (B, W; -100 = not an answer token):
-    the summed answer-token CE, the number of answer tokens, and (B,) whether every answer token
-    of a row is the argmax."""
+    the summed answer-token CE, the number of answer tokens, (B,) whether every answer token
+    of a row is the argmax, and (B,) each row's mean answer-token CE."""
     mask = target != -100
     ce = F.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none")
     right = ((logits.argmax(-1) == target) | ~mask).all(1)
-    return (ce * mask).sum(), mask.sum(), right
+    return (ce * mask).sum(), mask.sum(), right, (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
-def _chunks(batch: dict, size: int) -> list[dict]:
+def micro_batches(batch: dict, size: int) -> list[dict]:
+    """``batch`` split into pieces of ``size`` rows (0 or >= its rows: the batch itself)."""
     n = batch["input_ids"].shape[0]
     if size <= 0 or size >= n:
         return [batch]
@@ -176,14 +179,64 @@ def plan_losses(model, batch: dict, sites, ref: torch.Tensor | None, loss: str =
     return (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
-def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
-    """Advantages (M,): each reward against the mean of the others, divided by the rewards' spread
-    (identical plans or a single one: zeros)."""
-    m = rewards.numel()
-    if m < 2:
-        return torch.zeros_like(rewards)
-    base = (rewards.sum() - rewards) / (m - 1)
-    return (rewards - base) / (rewards.std() + 1e-6)
+def draw_pairs(policy, gen: torch.Generator, plans: int, tries: int = 4):
+    """Pairs (first site alone, with a drawn second site) until ``plans`` distinct plans are drawn (at most
+    ``tries`` x ``plans`` pairs), and the distinct plans. Each distinct plan runs once, so when the first site
+    has concentrated, the step's forwards go to the second sites that are still being decided."""
+    pairs, seen = [], {}
+    for _ in range(tries * plans):
+        pair = policy.sample_pair(gen)
+        if len(seen) + sum(c is not None and c not in seen for c in pair) > plans and pairs:
+            break
+        pairs.append(pair)
+        for c in pair:
+            if c is not None:
+                seen.setdefault(c, None)
+        if len(seen) >= plans:
+            break
+    return pairs, list(seen)
+
+
+def policy_objective(policy, pairs, r_one, r_two, entropy: float) -> torch.Tensor:
+    """The surrogate whose gradient is the policy's update (to minimise), from paired plans: each pair is a
+    first site f alone (reward r_one) and f with a drawn second site s (r_two; None where none can follow).
+
+    - first site: score function, value V = q r_two + (1 - q) r_one (q = pi(second site | f), the value of
+      f under the policy), baseline the other pairs' V (leave-one-out);
+    - "a second site follows" at f: the exact gradient of V in q, q (1 - q) (r_two - r_one);
+    - the second site's layer / operator / ratio: score function of pi(s | f) with the paired difference
+      r_two - r_one (the first site's effect cancels), centred by the other pairs' differences. It is the
+      gradient of the second site's value *given* one follows, not scaled by q: the second-site factors keep
+      learning while q is small, so a second site can prove itself once it is good, instead of q
+      collapsing first because untrained second sites hurt.
+
+    Every term is divided by the spread of the step's rewards, as an advantage normalisation."""
+    f = policy.factors()
+    r1 = torch.stack([torch.as_tensor(r, dtype=torch.float64) for r in r_one]).float()
+    has2 = torch.tensor([r is not None for r in r_two])
+    r2 = torch.stack([torch.as_tensor(r if r is not None else r1[i], dtype=torch.float64)
+                      for i, r in enumerate(r_two)]).float()
+    allr = torch.cat([r1, r2[has2]])
+    sd = (allr.std() if allr.numel() > 1 else torch.zeros(())) + 1e-6
+    q = torch.stack([f["two"][one.layer].exp() if two is not None else torch.zeros(()) for one, two in pairs])
+    v = q.detach() * r2 + (1 - q.detach()) * r1
+    lp1 = torch.stack([policy.first_log_prob(one, f) for one, _ in pairs])
+    lp2 = torch.stack([policy.second_log_prob(two, f) if two is not None else torch.zeros(()) for _, two in pairs])
+    d = torch.where(has2, r2 - r1, torch.zeros_like(r1))
+    a2 = torch.zeros_like(d)
+    if int(has2.sum()) > 1:
+        a2[has2] = leave_one_out(d[has2])
+    elif int(has2.sum()) == 1:
+        a2 = d
+    obj = (leave_one_out(v) * lp1).mean() + (q * d).mean() + (a2 * lp2).mean()
+    return -obj / sd - entropy * policy.entropy()
+
+
+def leave_one_out(x: torch.Tensor) -> torch.Tensor:
+    """Each value against the mean of the others (a baseline independent of the value itself; zeros for
+    a single value)."""
+    m = x.numel()
+    return x - (x.sum() - x) / (m - 1) if m > 1 else torch.zeros_like(x)
 
 
 # ---------------------------------------------------------------- progress
@@ -286,6 +339,76 @@ def first_site_feasibility(space: SearchSpace, planner: Planner) -> torch.Tensor
                           for oi in range(len(OPS))] for li in range(len(space.layers))])
 
 
+def _plan_losses(model, planner, state, choices, batch, settings, device, dtype):
+    """Every plan's loss on the step's batch (no graph): the policy's reward. Returns the losses (the
+    batch's mean per plan; zeros without a batch), the encoded chunks (chunk, vision, reference) for the
+    knobs' pass, and the reduced forwards run."""
+    losses = torch.zeros(len(choices), dtype=torch.float64)
+    if batch is None:
+        return losses, [], 0
+    plans = [planner.hard_sites(c, state.knobs.floats) for c in choices]
+    n = batch["input_ids"].shape[0]
+    chunks = micro_batches(to_device(batch, device, dtype), settings.micro_batch)
+    encoded = []
+    for chunk in chunks:
+        vision = encode_images(model, chunk["pixel_values"])  # one vision pass for all plans
+        ref = reference_logprobs(model, chunk, vision) if settings.loss == "kl" else None
+        encoded.append((chunk, vision, ref))
+        with torch.no_grad():
+            for j, sites in enumerate(plans):
+                losses[j] += float(plan_losses(model, chunk, sites, ref, settings.loss, False, vision).sum()) / n
+    return losses, encoded, len(plans) * len(chunks)
+
+
+def _knob_backward(model, planner, state, choices, losses, encoded, settings, ckpt_layers, n, device) -> int:
+    """The knobs' gradient: the loss of the step's ``knob_plans`` best plans (the ones the policy moves
+    towards) backpropagated through their reduced forward, one plan's graph alive at a time. Returns the
+    forwards run."""
+    best = sorted(range(len(choices)), key=lambda j: (float(losses[j]), j))[:settings.knob_plans]
+    for j in best:
+        for chunk, vision, ref in encoded:  # sites per chunk: each backward frees its graph
+            sites = planner.hard_sites(choices[j], state.knobs.floats, lambda s, r: state.knobs.value(s, r, device))
+            per_q = plan_losses(model, chunk, sites, ref, settings.loss, ckpt_layers, vision)
+            (per_q.sum() / (n * len(best))).backward()
+    return len(best) * len(encoded)
+
+
+def _apply_update(state, opt, procs, grad_clip: float, mean_loss: float, fail) -> tuple[float, int]:
+    """Average the gradients over processes, clip, check that everything is finite (``fail(what, value)``
+    makes the error to raise), take the Adam step and project the knobs. Returns (gradient norm, non-finite
+    gradient elements)."""
+    for p in state.parameters():  # same shapes on every process, even for what this step left alone
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in state.parameters()]
+    procs.mean_(grads)
+    grad_norm, grad_bad = clip_grads_(grads, grad_clip)  # after the all-reduce: the same everywhere
+    for what, value in (("task loss", mean_loss), ("architecture-state gradient", grad_norm)):
+        if not math.isfinite(value):
+            raise fail(what, value)
+    opt.step()
+    bad = [p.detach()[~torch.isfinite(p)] for p in state.parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise fail("architecture state", float(bad[0][0]))
+    state.knobs.project_()
+    return grad_norm, grad_bad
+
+
+def _record(step, state, planner, choices, losses, grad_norm, grad_bad, seconds) -> dict:
+    """The step's line of the JSONL log (and the progress bar's fields)."""
+    space = planner.space
+    mode = state.policy.decode()
+    mode_plan = planner.plan(mode, state.knobs.floats)
+    return {"step": step, "loss": float(losses.mean()), "best": float(losses.min()),
+            "plans": [describe(c, space) for c in choices], "losses": [round(float(x), 5) for x in losses],
+            "mode": describe(mode, space), "mode_keep": [s.keep for s in mode_plan.sites],
+            "mode_cost": round(mode_plan.cost["flops_ratio"], 5),
+            "entropy": round(float(state.policy.entropy().detach()), 4), "knobs": state.knobs.to_dict(),
+            "grad_norm": grad_norm, "grad_nonfinite": grad_bad, "step_s": round(seconds, 4)}
+
+
+# One screen on purpose (nanoGPT's rule for a training loop): set-up, resume, the steps and the checkpoints
+# in reading order; a step's parts are the helpers above (_plan_losses, _knob_backward, _apply_update, _record).
 def search(model, processor, dataset, space: SearchSpace, planner: Planner, settings: SearchSettings,
            n_text: float, out_dir: str | Path | None = None, accelerator=None, resume: bool = False,
            progress: bool = True, stop_after: int | None = None,
@@ -302,7 +425,7 @@ def search(model, processor, dataset, space: SearchSpace, planner: Planner, sett
     groups = [{"params": list(state.policy.parameters()), "lr": settings.lr},
               {"params": list(state.knobs.parameters()), "lr": settings.knob_lr if settings.learn_knobs else 0.0}]
     opt = torch.optim.Adam(groups)
-    key = settings.key(space, n_text, len(dataset))
+    key = settings.key(space, n_text, len(dataset), planner.latency.key if planner.latency is not None else None)
     out = Path(out_dir) if out_dir is not None else None
     start, last_loss, resumed = 0, None, None
     if resume and out is not None:
@@ -330,62 +453,28 @@ def search(model, processor, dataset, space: SearchSpace, planner: Planner, sett
         for step in range(start, end):
             current, ts = step, time.time()
             gen = torch.Generator().manual_seed(seed_for(settings.seed, step, POLICY_STREAM))
-            samples = [state.policy.sample(gen) for _ in range(M)]
+            pairs, choices = draw_pairs(state.policy, gen, M)
+            at = {c: j for j, c in enumerate(choices)}
             opt.zero_grad(set_to_none=False)
-            batch = batches.get(step)
-            losses = torch.zeros(M, dtype=torch.float64)
-            plans = [planner.hard_sites(s.choice, state.knobs.floats) for s in samples]
-            if batch is not None:  # None: every image of this share failed to decode; contribute nothing
-                n = batch["input_ids"].shape[0]
-                chunks = _chunks(to_device(batch, device, dtype), settings.micro_batch)
-                encoded = []
-                for chunk in chunks:
-                    vision = encode_images(model, chunk["pixel_values"])  # one vision pass for all plans
-                    ref = reference_logprobs(model, chunk, vision) if settings.loss == "kl" else None
-                    encoded.append((chunk, vision, ref))
-                    with torch.no_grad():  # every plan's loss: the policy's reward
-                        for j, sites in enumerate(plans):
-                            per_q = plan_losses(model, chunk, sites, ref, settings.loss, False, vision)
-                            losses[j] += float(per_q.sum()) / n
-                forwards += M * len(chunks)
+            batch = batches.get(step)  # None: every image of this share failed to decode; contribute nothing
+            losses, encoded, used = _plan_losses(model, planner, state, choices, batch, settings, device, dtype)
             procs.mean_([losses])  # every process now ranks the plans alike
             if batch is not None and settings.learn_knobs:
-                # the knobs' gradient: backpropagated through the best plans of the step, the ones the
-                # policy moves towards (one plan's graph alive at a time)
-                for j in sorted(range(M), key=lambda j: (float(losses[j]), j))[:settings.knob_plans]:
-                    for chunk, vision, ref in encoded:  # sites per chunk: each backward frees its graph
-                        sites = planner.hard_sites(samples[j].choice, state.knobs.floats,
-                                                   lambda s, r: state.knobs.value(s, r, device))
-                        per_q = plan_losses(model, chunk, sites, ref, settings.loss, ckpt_layers, vision)
-                        (per_q.sum() / (n * settings.knob_plans)).backward()
-                        forwards += 1
+                used += _knob_backward(model, planner, state, choices, losses, encoded, settings, ckpt_layers,
+                                       batch["input_ids"].shape[0], device)
+            forwards += used
             # reward on a log scale: halving a plan's loss is worth the same at 0.01 as at 1 (the good plans'
             # KLs are orders of magnitude below the bad ones', which would otherwise drown them)
-            adv = leave_one_out(-torch.log(losses + REWARD_FLOOR)).float()
-            logp = torch.stack([smp.log_prob for smp in samples])
-            (-(adv * logp).mean() - settings.entropy * state.policy.entropy()).backward()
-            for p in state.parameters():  # same shapes on every process, even for what this step left alone
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in state.parameters()]
-            procs.mean_(grads)
-            grad_norm, grad_bad = clip_grads_(grads, settings.grad_clip)  # after the all-reduce: same everywhere
-            for what, value in (("task loss", float(losses.mean())), ("architecture-state gradient", grad_norm)):
-                if not math.isfinite(value):
-                    raise _numerical_error(what, value, step, settings, out, last_ckpt)
-            opt.step()
-            bad = [p.detach()[~torch.isfinite(p)] for p in state.parameters() if not bool(torch.isfinite(p).all())]
-            if bad:
-                raise _numerical_error("architecture state", float(bad[0][0]), step, settings, out, last_ckpt)
-            state.knobs.project_()
-            mode = state.policy.mode()
-            mode_plan = planner.plan(mode, state.knobs.floats)
-            rec = {"step": step, "loss": float(losses.mean()), "best": float(losses.min()),
-                   "plans": [describe(s.choice, space) for s in samples], "losses": [round(float(x), 5) for x in losses],
-                   "mode": describe(mode, space), "mode_keep": [s.keep for s in mode_plan.sites],
-                   "mode_cost": round(mode_plan.cost["flops_ratio"], 5),
-                   "entropy": round(float(state.policy.entropy().detach()), 4), "knobs": state.knobs.to_dict(),
-                   "grad_norm": grad_norm, "grad_nonfinite": grad_bad, "step_s": round(time.time() - ts, 4)}
+            reward = -torch.log(losses + REWARD_FLOOR)
+            policy_objective(state.policy, pairs, [reward[at[one]] for one, _ in pairs],
+                             [reward[at[two]] if two is not None else None for _, two in pairs],
+                             settings.entropy).backward()
+
+            def fail(what, value, step=step, last=last_ckpt):
+                return _numerical_error(what, value, step, settings, out, last)
+
+            grad_norm, grad_bad = _apply_update(state, opt, procs, settings.grad_clip, float(losses.mean()), fail)
+            rec = _record(step, state, planner, choices, losses, grad_norm, grad_bad, time.time() - ts)
             last_loss = rec["loss"]
             history.append(rec)
             if procs.is_main:
@@ -413,10 +502,12 @@ def search(model, processor, dataset, space: SearchSpace, planner: Planner, sett
 # ---------------------------------------------------------------- validation (model selection)
 
 @torch.no_grad()
-def plan_scores(model, processor, plan, dataset, batch_size: int = 32, procs: Procs | None = None) -> dict:
+def plan_scores(model, processor, plan, dataset, batch_size: int = 32, procs: Procs | None = None,
+                per_question: bool = False) -> dict:
     """Teacher-forced scores of a hard plan on ``dataset``: ``accuracy`` (a question counts when
     every answer token and the eos are the argmax: exactly when greedy decoding produces the
-    answer, for answers that are whole tokens) and ``ce`` (mean answer-token cross-entropy). One
+    answer, for answers that are whole tokens), ``ce`` (mean answer-token cross-entropy) and
+    with ``per_question``, this process's questions' mean answer-token CE (a tensor, rows rank::world). One
     reduced forward per batch, no generation: cheap enough to compare candidate plans."""
     from ..data.datasets import make_train_batch
     from ..patch.llava import apply_plan
@@ -427,6 +518,7 @@ def plan_scores(model, processor, plan, dataset, batch_size: int = 32, procs: Pr
     fwd = apply_plan(model, plan) if plan is not None and plan.sites else model
     rows = list(range(len(dataset)))[procs.rank::procs.world]
     tally = torch.zeros(4, dtype=torch.float64)  # right, questions, summed CE, answer tokens
+    per_q = []
     for s in range(0, len(rows), batch_size):
         recs, imgs = dataset.batch(rows[s:s + batch_size])
         if not recs:
@@ -438,9 +530,13 @@ def plan_scores(model, processor, plan, dataset, batch_size: int = 32, procs: Pr
             b["query_index"] = query
         width = int((labels != -100).sum(1).max()) + 1
         logits = fwd(**b, logits_to_keep=width).logits[:, :-1].float()
-        ce_sum, n_tokens, ok = answer_terms(logits, labels[:, -width + 1:])
+        ce_sum, n_tokens, ok, row_ce = answer_terms(logits, labels[:, -width + 1:])
+        per_q.append(row_ce.double().cpu())
         tally += torch.tensor([float(ok.sum()), float(ok.numel()), float(ce_sum), float(n_tokens)],
                               dtype=torch.float64)
     procs.mean_([tally])
-    return {"accuracy": float(tally[0] / tally[1].clamp_min(1)), "ce": float(tally[2] / tally[3].clamp_min(1)),
-            "n": int(round(float(tally[1]) * procs.world))}
+    out = {"accuracy": float(tally[0] / tally[1].clamp_min(1)), "ce": float(tally[2] / tally[3].clamp_min(1)),
+           "n": int(round(float(tally[1]) * procs.world))}
+    if per_question:
+        out["per_question"] = torch.cat(per_q) if per_q else torch.zeros(0, dtype=torch.float64)
+    return out

@@ -3,7 +3,7 @@ choices, and the operators' continuous knobs.
 
 Policy (score-function gradients): the first site's layer, then its operator given the layer; then
 whether a second site follows (a Bernoulli per first layer), its layer among the later ones, its
-operator and its keep ratio. One site, two sites and non-increasing counts are what it expresses; the
+operator given that layer and its keep ratio given the operator. One site, two sites and non-increasing counts are what it expresses; the
 first site's keep is solved from the budget (:mod:`.space`). Every factor starts uniform over what is
 allowed and feasible at the budget, and "a second site" at even odds.
 
@@ -46,7 +46,8 @@ class Policy(nn.Module):
         self.two = nn.Parameter(torch.zeros(S))       # logit of "a second site follows" per first layer
         self.layer2 = nn.Parameter(torch.zeros(S))
         self.op2 = nn.Parameter(torch.zeros(S, O))
-        self.ratio = nn.Parameter(torch.zeros(R))
+        self.ratio = nn.Parameter(torch.zeros(O, R))  # given the second site's operator: how much a prune
+        # or a merge can drop depends on which it is
         allowed2 = torch.tensor([[space.op_allowed(li, oi, 1) for oi in range(O)] for li in range(S)])
         self.register_buffer("mask1", feasible.bool().clone(), persistent=False)
         self.register_buffer("mask2", allowed2, persistent=False)
@@ -65,7 +66,7 @@ class Policy(nn.Module):
         one = torch.where(has_later, nn.functional.logsigmoid(-self.two), torch.zeros_like(self.two))
         lay2 = self.layer2[None, :].expand(S, S).masked_fill(~ok2, NEG).log_softmax(-1)        # (l1, l2)
         op2 = self.op2.masked_fill(~self.mask2, NEG).log_softmax(-1)                         # (S, O)
-        ratio = self.ratio.log_softmax(-1)
+        ratio = self.ratio.log_softmax(-1)                                                   # (O, R)
         if not self.space.two_sites:
             two, one = torch.full_like(two, NEG), torch.zeros_like(one)
         return {"layer1": lay1, "op1": op1, "one": one, "two": two, "layer2": lay2, "op2": op2, "ratio": ratio}
@@ -76,7 +77,34 @@ class Policy(nn.Module):
         if c.second is None:
             return lp + f["one"][c.layer]
         li, oi, ri = c.second
-        return lp + f["two"][c.layer] + f["layer2"][c.layer, li] + f["op2"][li, oi] + f["ratio"][ri]
+        return lp + f["two"][c.layer] + f["layer2"][c.layer, li] + f["op2"][li, oi] + f["ratio"][oi, ri]
+
+    def first_log_prob(self, c: Choice, f: dict) -> Tensor:
+        return f["layer1"][c.layer] + f["op1"][c.layer, c.op]
+
+    def second_log_prob(self, c: Choice, f: dict) -> Tensor:
+        """log pi(second site | first site, a second site follows): 0 for a one-site plan."""
+        if c.second is None:
+            return torch.zeros(())
+        li, oi, ri = c.second
+        return f["layer2"][c.layer, li] + f["op2"][li, oi] + f["ratio"][oi, ri]
+
+    def sample_pair(self, generator: torch.Generator) -> tuple[Choice, Choice | None]:
+        """A first site drawn from the policy, and the same first site with a second site drawn from the
+        policy's second-site factors (None where no second site can follow it). The search runs both: their
+        difference on the same batch is the second site's value, with the first site's effect cancelled."""
+        f = self.factors()
+
+        def draw(logp: Tensor) -> int:
+            return int(torch.multinomial(logp.detach().exp(), 1, generator=generator))
+
+        l1 = draw(f["layer1"])
+        o1 = draw(f["op1"][l1])
+        if float(f["two"][l1].detach()) < NEG / 2:
+            return Choice(l1, o1), None
+        l2 = draw(f["layer2"][l1])
+        o2 = draw(f["op2"][l2])
+        return Choice(l1, o1), Choice(l1, o1, (l2, o2, draw(f["ratio"][o2])))
 
     def sample(self, generator: torch.Generator) -> Sample:
         """One plan drawn from the policy with ``generator`` (on the CPU: draws are a function of its seed)."""
@@ -90,7 +118,8 @@ class Policy(nn.Module):
         second = None
         if float(f["two"][l1].detach()) > NEG / 2 and float(torch.rand((), generator=generator)) < float(f["two"][l1].detach().exp()):
             l2 = draw(f["layer2"][l1])
-            second = (l2, draw(f["op2"][l2]), draw(f["ratio"]))
+            o2 = draw(f["op2"][l2])
+            second = (l2, o2, draw(f["ratio"][o2]))
         c = Choice(l1, o1, second)
         return Sample(c, self.log_prob(c, f))
 
@@ -103,7 +132,7 @@ class Policy(nn.Module):
         single = (first + f["one"][:, None]).flatten()
         double = (first[:, :, None, None, None] + f["two"][:, None, None, None, None]
                   + f["layer2"][:, None, :, None, None] + f["op2"][None, None, :, :, None]
-                  + f["ratio"][None, None, None, None, :]).flatten()
+                  + f["ratio"][None, None, None, :, :]).flatten()
         allp = torch.cat([single, double])
         top = allp.topk(min(k, allp.numel()))
         out = []
@@ -118,19 +147,41 @@ class Policy(nn.Module):
         return out
 
     def mode(self) -> Choice:
+        """The most probable plan as a whole (exact)."""
         return self.ranked(1)[0][0]
 
-    def entropy(self) -> Tensor:
-        """A cheap proxy of the policy's entropy: the first layer's, plus the operator's and the second-site
-        decision's at the first layer's distribution (the bonus that keeps exploration alive)."""
+    @torch.no_grad()
+    def decode(self) -> Choice:
+        """The gradient phase's plan: each decision's most probable option in turn (first layer, its operator,
+        whether a second site follows, then its layer, operator and ratio), as NAS methods read their
+        architecture off the learned distributions. Unlike :meth:`mode` it does not penalise a second site
+        for being described by more factors than no second site."""
         f = self.factors()
+        l1 = int(f["layer1"].argmax())
+        o1 = int(f["op1"][l1].argmax())
+        if float(f["two"][l1]) <= float(f["one"][l1]):
+            return Choice(l1, o1)
+        l2 = int(f["layer2"][l1].argmax())
+        o2 = int(f["op2"][l2].argmax())
+        return Choice(l1, o1, (l2, o2, int(f["ratio"][o2].argmax())))
+
+    def entropy(self) -> Tensor:
+        """A cheap proxy of the policy's entropy (the bonus that keeps exploration alive): the first layer's,
+        plus the operator's and the second-site decision's at the first layer's distribution, plus the
+        second site's factors (its layer at that distribution, its operator at the second layer's, its ratio
+        at the operator's): untried second sites stay in play until the pairs have measured them."""
+        f = self.factors()
+
+        def h(logp: Tensor) -> Tensor:  # entropy along the last dimension; forbidden entries contribute 0
+            return -(logp.exp() * logp.clamp_min(NEG / 2)).sum(-1)
+
         p1 = f["layer1"].exp()
-        h_l1 = -(p1 * f["layer1"]).sum()
-        h_op = -(f["op1"].exp() * f["op1"]).sum(-1)
         pt = f["two"].exp()
         h_two = -(pt * f["two"] + (1 - pt) * f["one"])
-        return h_l1 + (p1 * (h_op + h_two)).sum()
-
+        p2 = (p1[:, None] * f["layer2"].exp()).sum(0)                                        # (S,)
+        po = (p2[:, None] * f["op2"].exp()).sum(0)                                          # (O,)
+        second = (p1 * h(f["layer2"])).sum() + (p2 * h(f["op2"])).sum() + (po * h(f["ratio"])).sum()
+        return h(f["layer1"]) + (p1 * (h(f["op1"]) + h_two)).sum() + second
     def distributions(self) -> dict:
         """JSON-ready marginals (plan.json's ``search.distributions``)."""
         with torch.no_grad():

@@ -17,6 +17,7 @@ evaluation split is never touched.
 from __future__ import annotations
 
 import json
+import math
 
 from ..regimes import regime_knobs
 from .policy import ArchState
@@ -24,7 +25,8 @@ from .space import OPS, Planner, corner_choices, describe
 
 
 def candidate_plans(state: ArchState, planner: Planner, samples: int, corners: bool) -> list[tuple[str, object]]:
-    """``[(origin, plan)]``: the policy's mode first ("gradient"), then its next most probable plans, then
+    """``[(origin, plan)]``: the gradient phase's plan first ("gradient": :meth:`Policy.decode`), then the
+    policy's most probable plans (``samples`` of them besides the first), then
     the corners; duplicates (same sites) dropped, the first origin kept."""
     out, seen = [], set()
 
@@ -36,10 +38,11 @@ def candidate_plans(state: ArchState, planner: Planner, samples: int, corners: b
             seen.add(key)
             out.append((origin, plan))
 
-    ranked = state.policy.ranked(samples + 1)
-    for j, (choice, _) in enumerate(ranked):
-        add("gradient" if j == 0 else f"policy #{j + 1} {describe(choice, planner.space)}",
-            planner.plan(choice, state.knobs.floats))
+    add("gradient", planner.plan(state.policy.decode(), state.knobs.floats))
+    for j, (choice, _) in enumerate(state.policy.ranked(samples + 1)):
+        if len(out) > samples:
+            break
+        add(f"policy #{j + 1} {describe(choice, planner.space)}", planner.plan(choice, state.knobs.floats))
     if corners:
         for choice in corner_choices(planner.space):
             op = OPS[choice.op]
@@ -59,18 +62,26 @@ def _scores(sc: dict, prefix: str = "") -> dict:
 
 
 def select_plan(model, processor, candidates, heldout, screen: int | None = None, finalists: int = 2,
-                batch_size: int = 32, procs=None):
-    """The candidate with the lowest held-out answer CE, its index, and the table of every
-    candidate's scores (plan.json records it).
+                batch_size: int = 32, procs=None, margin: float = 1.0):
+    """The chosen candidate, its index, and the table of every candidate's scores (plan.json records it).
 
     With ``screen`` (< the held-out questions), two stages: every candidate but the first (the
     gradient phase's plan, always a finalist) is scored on the first ``screen`` questions (``screen_ce``),
     and the ``finalists`` best of them and the first are scored on all of them (``ce``); the
-    others' ``ce`` is None. That keeps the cost of many candidates near that of a few."""
-    from .loop import plan_scores
+    others' ``ce`` is None. That keeps the cost of many candidates near that of a few.
 
-    def score(plan, data):
-        return plan_scores(model, processor, plan, data, batch_size=batch_size, procs=procs)
+    The finalist with the lowest held-out answer CE replaces the gradient phase's plan only if, question by
+    question, its CE is lower by more than ``margin`` paired standard errors (``paired_diff``, ``paired_se``
+    in its row): a few hundred questions cannot tell plans closer than that apart, and a challenger that
+    wins by noise is a worse plan about as often as a better one."""
+    from .loop import plan_scores
+    from ..runtime import Procs
+
+    procs = procs or Procs()
+
+    def score(plan, data, per_question=False):
+        return plan_scores(model, processor, plan, data, batch_size=batch_size, procs=procs,
+                           per_question=per_question)
 
     table = [_row(o, p) for o, p in candidates]
     final = list(range(len(candidates)))
@@ -79,7 +90,37 @@ def select_plan(model, processor, candidates, heldout, screen: int | None = None
         for i in final[1:]:
             table[i].update(_scores(score(candidates[i][1], few), "screen_"))
         final = [0] + sorted(final[1:], key=lambda i: (table[i]["screen_ce"], i))[:finalists]
+    per_q = {}
     for i, row in enumerate(table):
-        row.update(_scores(score(candidates[i][1], heldout)) if i in final else {"accuracy": None, "ce": None})
-    best = min(final, key=lambda i: (table[i]["ce"], i))
+        if i in final:
+            sc = score(candidates[i][1], heldout, per_question=True)
+            per_q[i] = sc["per_question"]
+            row.update(_scores(sc))
+        else:
+            row.update({"accuracy": None, "ce": None})
+    for i in final[1:]:
+        diff, se = paired_difference(per_q[i], per_q[0], procs)
+        table[i].update({"paired_diff": round(diff, 6), "paired_se": round(se, 6)})
+    best = 0
+    if len(final) > 1:
+        challenger = min(final[1:], key=lambda i: (table[i]["ce"], i))
+        if table[challenger]["paired_diff"] < -margin * table[challenger]["paired_se"]:
+            best = challenger
     return candidates[best], best, table
+
+
+def paired_difference(a, b, procs) -> tuple[float, float]:
+    """Mean over questions of a - b (per-question values, this process's rows; the same rows in both) and
+    its standard error, over every process's questions."""
+    import torch
+
+    d = (a - b).double()
+    tally = torch.tensor([float(d.sum()), float(d.square().sum()), float(d.numel())], dtype=torch.float64)
+    procs.mean_([tally])  # means of sums: the ratios below are the same as of the sums
+    s, s2, n = (float(x) for x in tally)
+    if n <= 0:
+        return 0.0, 0.0
+    mean = s / n
+    n_all = n * procs.world
+    var = max(s2 / n - mean * mean, 0.0) * n_all / max(n_all - 1, 1)
+    return mean, math.sqrt(var / n_all)

@@ -82,13 +82,17 @@ class SearchSpace:
 
 class Planner:
     """Choices -> plans under the budget, for one backbone / budget / mean text length. The keep solver
-    is a bisection over the cost model (cost grows with the first site's keep), memoised per plan shape."""
+    is a bisection over the cost model (cost grows with the first site's keep), memoised per plan shape.
+    ``latency``: a :class:`~diffopsearch.latency.LatencyModel`; the budget is then a fraction of its
+    predicted prefill time instead of the prefill FLOPs (``cost=latency``)."""
 
-    def __init__(self, space: SearchSpace, backbone: dict, budget: float, text_config, n_text: float):
+    def __init__(self, space: SearchSpace, backbone: dict, budget: float, text_config, n_text: float,
+                 latency=None):
         from ..cost import dims
 
         self.space, self.backbone, self.budget, self.n_text = space, dict(backbone), float(budget), float(n_text)
         self.dims = dims(text_config)
+        self.latency = latency
         self._solve = lru_cache(maxsize=None)(self._solve_uncached)
 
     # -- the sites of a choice, with knobs
@@ -167,11 +171,14 @@ class Planner:
         return keeps[lo - 1] if lo else None
 
     def cost(self, sites) -> float:
+        """The budget's metric of a plan of ``sites``: its FLOPs ratio, or its predicted latency ratio."""
         from ..cost import plan_cost
         from ..plan import Plan
 
-        return plan_cost(self.dims, Plan(sites=list(sites), backbone=self.backbone), self.space.n_visual,
-                         self.n_text)["flops_ratio"]
+        plan = Plan(sites=list(sites), backbone=self.backbone)
+        if self.latency is not None:
+            return self.latency.ratio(plan, self.n_text)
+        return plan_cost(self.dims, plan, self.space.n_visual, self.n_text)["flops_ratio"]
 
     def plan(self, choice: Choice, knobs, method: str = "search"):
         """The hard :class:`~diffopsearch.plan.Plan` of ``choice`` with float knobs, or None if it cannot
@@ -185,6 +192,8 @@ class Planner:
         plan = Plan(sites=self.sites(choice, knobs, k1), backbone=dict(self.backbone), budget=self.budget,
                     method=method)
         plan.cost = dict(plan_cost(self.dims, plan, self.space.n_visual, self.n_text))
+        if self.latency is not None:
+            plan.cost.update(self.latency.cost_record(plan, self.n_text))
         return plan
 
 
@@ -236,14 +245,17 @@ def available_scores(model_config) -> tuple[str, ...]:
     return ("attn", "cls", "norm") if hs >= 1 else ("attn", "norm")
 
 
-def min_cost_ratio(text_config, backbone: dict, n_text: float, first_layer: int) -> float:
+def min_cost_ratio(text_config, backbone: dict, n_text: float, first_layer: int, latency=None) -> float:
     """The cheapest plan there is: one token left at the first candidate layer (ranked by norm, which
-    adds no overhead)."""
+    adds no FLOPs overhead), in FLOPs or (``latency``) in predicted time."""
     from ..cost import plan_cost
     from ..plan import Plan, Site
 
     plan = Plan(sites=[Site(layer=first_layer, keep=1, score="norm")], backbone=dict(backbone), method="min")
+    if latency is not None:
+        return float(latency.ratio(plan, n_text))
     return float(plan_cost(text_config, plan, int(backbone["visual_tokens"]), n_text)["flops_ratio"])
+
 
 
 def corner_choices(space: SearchSpace) -> list[Choice]:

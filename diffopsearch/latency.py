@@ -1,0 +1,337 @@
+"""Measured prefill time as the cost (docs/DESIGN.md section 4, ``cost=latency``): a latency model of one
+backbone on one device, profiled once and cached as JSON.
+
+What a user waits for before the first token is the prefill: the vision tower and projector, the
+embeddings, every decoder layer on its (possibly reduced) sequence, the reduction steps and the last
+position's logits. The model splits it into
+
+- ``layer_ms(length)``: one decoder layer on a batch of sequences of that length, measured on a grid of
+  lengths (from the shortest a plan can leave to the unreduced length) and interpolated linearly;
+- ``fixed_ms``: what no plan shortens: the unreduced prefill minus its decoder layers;
+- ``op_ms[kind]``: each operator kind's own time per visual token entering its site (a linear model in the
+  tokens in: scoring, keys and the reduction all scale with them), measured inside a real reduced
+  forward by :func:`diffopsearch.patch.llava.stage_timer`.
+
+A plan's predicted time is ``fixed + sum over layers of layer_ms(n_text + visual tokens in that layer)
++ sum over sites of op_ms[kind] * tokens in``; its ratio is that over the unreduced prediction. The
+model is keyed by (device, backbone, dtype, batch size, attention implementation, torch version) and
+stored under the cache dir; a file that is damaged or made for another key is rebuilt, with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+
+FORMAT = "diffopsearch.latency/1"
+GRID = 8            # lengths of the decoder-layer grid
+OP_REPEATS = 5      # timed reduced forwards per operator kind (median)
+log = logging.getLogger("diffopsearch")
+
+
+def op_kind(site) -> str:
+    """The operator kind of a site, as the latency model times it: ToMe's bipartite step, the grid pool,
+    the PruMerge / VisionZip anchors, or a top-k site by its score, merging or pruning."""
+    if site.anchors in ("bipartite", "grid", "iqr", "dominant"):
+        return site.anchors
+    return f"{site.score}/{'merge' if float(site.merge) > 0 else 'prune'}"
+
+
+@dataclass
+class LatencyModel:
+    key: dict
+    lengths: list[int]
+    layer_ms: list[float]
+    num_layers: int
+    fixed_ms: float
+    op_ms: dict[str, float]          # kind -> ms per visual token entering the site
+    n_visual: int
+    n_text: float                    # the profiling batch's mean text tokens (the unreduced reference)
+    seconds: float = 0.0             # how long profiling took
+    format: str = FORMAT
+    measured: dict = field(default_factory=dict)  # the raw measurements the fits come from
+
+    # ---- prediction
+    def layer_time(self, length: float) -> float:
+        xs, ys = self.lengths, self.layer_ms
+        if length <= xs[0]:
+            i = 0
+        elif length >= xs[-1]:
+            i = len(xs) - 2
+        else:
+            i = max(j for j in range(len(xs) - 1) if xs[j] <= length)
+        x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+        return max(0.0, y0 + (y1 - y0) * (length - x0) / max(x1 - x0, 1e-9))
+
+    def op_time(self, site, n_in: int) -> float:
+        kind = op_kind(site)
+        per = self.op_ms.get(kind)
+        if per is None:  # a kind not profiled: the closest one that was (merging or not)
+            per = self.op_ms.get("cls/merge" if float(site.merge) > 0 else "norm/prune", 0.0)
+        return per * n_in
+
+    def plan_ms(self, plan, n_text: float) -> float:
+        """Predicted prefill ms of ``plan`` (a Plan or None) for prompts of ``n_text`` text tokens."""
+        sites = {s.layer: s for s in (plan.sites if plan is not None else [])}
+        total, n = self.fixed_ms, self.n_visual
+        for layer in range(self.num_layers):
+            s = sites.get(layer)
+            if s is not None and s.keep < n:
+                total += self.op_time(s, n)
+                n = s.keep
+            total += self.layer_time(n_text + n)
+        return total
+
+    def ratio(self, plan, n_text: float) -> float:
+        return self.plan_ms(plan, n_text) / self.plan_ms(None, n_text)
+
+    def cost_record(self, plan, n_text: float) -> dict:
+        """What plan.json records of a plan sized by measured time: the metric, this model's identity and
+        the plan's predicted latency ratio."""
+        return {"metric": "latency", "latency_ratio_predicted": round(self.ratio(plan, n_text), 5),
+                "latency_model": dict(self.key), "latency_n_text": round(float(n_text), 3)}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- identity and cache
+
+def model_key(model, batch_size: int, device=None) -> dict:
+    """What a latency model is valid for."""
+    import torch
+
+    device = device or next(model.parameters()).device
+    if device.type == "cuda":
+        dev = torch.cuda.get_device_name(device)
+    else:
+        import platform
+
+        dev = f"cpu {platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip()
+    cfg = model.config.to_json_string(use_diff=False) if hasattr(model.config, "to_json_string") else repr(model.config)
+    return {"format": FORMAT, "device": dev, "backbone": hashlib.sha256(cfg.encode()).hexdigest()[:16],
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "batch_size": int(batch_size),
+            "attn_implementation": str(getattr(model.config, "_attn_implementation", None) or "eager"),
+            "torch": torch.__version__}
+
+
+def cache_path(key: dict, root: Path | None = None) -> Path:
+    if root is None:
+        from .backbone.load import cache_dir
+
+        root = cache_dir()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / "latency" / f"{digest}.json"
+
+
+def load_cached(path: Path, key: dict) -> LatencyModel | None:
+    """The cached model at ``path`` if it is intact and made for ``key``; None (with a warning for a
+    damaged or mismatched file) otherwise: a cache is never trusted blindly."""
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        lm = LatencyModel(**d)
+        ok = (lm.format == FORMAT and lm.key == key and len(lm.lengths) == len(lm.layer_ms) >= 2
+              and all(math.isfinite(x) and x >= 0 for x in lm.layer_ms + [lm.fixed_ms] + list(lm.op_ms.values())))
+    except (ValueError, TypeError, KeyError) as e:
+        log.warning("the latency model cache %s is damaged (%s): profiling again.", path, e)
+        return None
+    if not ok:
+        log.warning("the latency model cache %s does not match this device / backbone / settings or holds "
+                    "invalid values: profiling again.", path)
+        return None
+    return lm
+
+
+# ---------------------------------------------------------------- profiling
+
+def _timeit(fn, min_run_time: float = 0.2) -> float:
+    """Median ms of ``fn()`` (torch.utils.benchmark: warm-up and enough runs for ``min_run_time``)."""
+    from torch.utils import benchmark
+
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def profile(model, inputs: dict, n_text: float, progress: bool = True) -> LatencyModel:
+    """Profile ``model`` (a LlavaForConditionalGeneration) on one batch ``inputs`` (an eval batch: the
+    batch size and images the model is for) with mean text length ``n_text``."""
+    import torch
+
+    from .evaluate import prefill, visual_token_count
+    from .patch.llava import apply_plan, stage_timer
+    from .plan import Plan, Site, backbone_info
+    from .runtime import sync
+
+    t_start = time.time()
+    device = next(model.parameters()).device
+    n_visual, _ = visual_token_count(model.config)
+    lm = model.model.language_model
+    L = len(lm.layers)
+    B, T = inputs["input_ids"].shape
+    d = lm.config.hidden_size
+    dtype = next(model.parameters()).dtype
+    short = max(2, int(round(n_text)) + 1)
+    lengths = sorted({int(round(short + (T - short) * i / (GRID - 1))) for i in range(GRID)})
+    kinds = {  # one site of each kind at layer 1, keeping half the tokens (attn needs a layer before it)
+        "attn/prune": Site(1, n_visual // 2, "attn"), "norm/prune": Site(1, n_visual // 2, "norm"),
+        "random/prune": Site(1, n_visual // 2, "random"),
+        "cls/prune": Site(1, n_visual // 2, "cls"),
+        "cls/merge": Site(1, n_visual // 2, "cls", merge=1.0, sharpness=math.inf, reweight=1.0),
+        "grid": Site(1, n_visual // 4, "none", "grid", merge=1.0, locality=math.inf),
+        "iqr": Site(1, n_visual // 2, "cls", "iqr", merge=1.0, sharpness=math.inf),
+        "dominant": Site(1, n_visual // 2, "cls", "dominant", merge=1.0, sharpness=math.inf),
+        "bipartite": Site(1, n_visual - n_visual // 4, "none", "bipartite", merge=1.0, reweight=1.0),
+    }
+    bar = _bar(progress, len(lengths) + 1 + len(kinds))
+    try:
+        layer = lm.layers[0]
+        layer_ms = []
+        with torch.inference_mode():
+            for n in lengths:
+                h = torch.randn(B, n, d, device=device, dtype=dtype)
+                pos = torch.arange(n, device=device)[None].expand(B, n)
+                pe = lm.rotary_emb(h, position_ids=pos)
+
+                def one_layer(h=h, pos=pos, pe=pe):
+                    layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+                    sync(device)
+
+                layer_ms.append(_timeit(one_layer))
+                bar.advance()
+
+        def full():
+            prefill(model, inputs)
+            sync(device)
+
+        full_ms = _timeit(full, 0.5)
+        bar.advance()
+        fixed = max(0.0, full_ms - L * _interp(lengths, layer_ms, T))
+        op_ms, raw_ops = {}, {}
+        backbone = backbone_info(model.config)
+        for kind, site in kinds.items():
+            if site.score == "cls" and not _has_cls(model):
+                bar.advance()
+                continue
+            reduced = apply_plan(model, Plan(sites=[site], backbone=backbone))
+            spent = []
+            prefill(reduced, inputs)  # warm-up
+            for _ in range(OP_REPEATS):
+                acc = [0.0]
+                with stage_timer(lambda stage, s, acc=acc: acc.__setitem__(0, acc[0] + s), lambda: sync(device)):
+                    prefill(reduced, inputs)
+                spent.append(acc[0] * 1e3)
+            med = sorted(spent)[len(spent) // 2]
+            raw_ops[kind] = med
+            op_ms[kind] = med / n_visual
+            bar.advance()
+    finally:
+        bar.close()
+    return LatencyModel(key=model_key(model, B, device), lengths=lengths, layer_ms=layer_ms, num_layers=L,
+                        fixed_ms=fixed, op_ms=op_ms, n_visual=n_visual, n_text=float(n_text),
+                        seconds=round(time.time() - t_start, 2),
+                        measured={"full_prefill_ms": full_ms, "op_ms_at_layer1": raw_ops, "batch": [B, T]})
+
+
+def _interp(xs, ys, x):
+    return LatencyModel(key={}, lengths=list(xs), layer_ms=list(ys), num_layers=1, fixed_ms=0.0, op_ms={},
+                        n_visual=0, n_text=0.0).layer_time(x)
+
+
+def _has_cls(model) -> bool:
+    from .search.space import available_scores
+
+    return "cls" in available_scores(model.config)
+
+
+class _bar:
+    """A rich progress bar while profiling (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.p = None
+        if enabled:
+            from rich.progress import Progress
+
+            self.p = Progress(transient=True)
+            self.p.start()
+            self.task = self.p.add_task("profiling latency", total=total)
+
+    def advance(self):
+        if self.p is not None:
+            self.p.advance(self.task)
+
+    def close(self):
+        if self.p is not None:
+            self.p.stop()
+
+
+def latency_model(model, inputs: dict, n_text: float, root: Path | None = None, progress: bool = True,
+                  refresh: bool = False) -> tuple[LatencyModel, Path, bool]:
+    """The latency model for ``model`` at ``inputs``' batch size: from the cache when there is a valid one,
+    else profiled and cached (atomic write). Returns (model, its file, whether it was profiled now)."""
+    from .io import atomic_write_json
+
+    key = model_key(model, inputs["input_ids"].shape[0])
+    path = cache_path(key, root)
+    if not refresh:
+        cached = load_cached(path, key)
+        if cached is not None:
+            return cached, path, False
+    lm = profile(model, inputs, n_text, progress)
+    atomic_write_json(path, lm.to_dict())
+    return lm, path, True
+
+
+
+def for_dataset(model, processor, dataset, batch_size: int, n_text: float, progress: bool = True,
+                refresh: bool = False) -> tuple[LatencyModel, Path, bool]:
+    """:func:`latency_model` on the first ``batch_size`` questions of ``dataset`` (their images and prompts)."""
+    from .data.datasets import make_eval_batch
+    from .runtime import device_of, to_device
+
+    idx = list(range(min(batch_size, len(dataset))))
+    if len(idx) < batch_size:
+        raise UserError(f"batch_size={batch_size} is larger than the {len(dataset)} questions of "
+                        f"{dataset.name}/{dataset.split}: the latency model needs one full batch.")
+    recs, imgs = dataset.batch(idx)
+    if len(recs) < batch_size:
+        raise UserError(f"some of the first {batch_size} images of {dataset.name}/{dataset.split} cannot be "
+                        "decoded: the latency model needs one full batch of images.")
+    inputs = to_device(make_eval_batch(processor, recs, imgs), device_of(model), next(model.parameters()).dtype)
+    return latency_model(model, inputs, n_text, progress=progress, refresh=refresh)
+
+
+def print_model(lm: LatencyModel, path: Path, profiled: bool, console=None) -> None:
+    """The latency model as tables (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    k = lm.key
+    how = f"profiled now in {lm.seconds:.1f} s" if profiled else "read from the cache"
+    console.print(f"latency model: {k['device']}, backbone {k['backbone']}, {k['dtype']}, batch {k['batch_size']}, "
+                  f"{k['attn_implementation']} attention ({how}; {path})")
+    t = Table(title="one decoder layer (whole batch)")
+    t.add_column("sequence length", justify="right")
+    t.add_column("ms", justify="right")
+    for n, ms in zip(lm.lengths, lm.layer_ms):
+        t.add_row(str(n), f"{ms:.3f}")
+    console.print(t)
+    full = lm.plan_ms(None, lm.n_text)
+    console.print(f"fixed parts (vision tower, projector, embeddings, logits): {lm.fixed_ms:.2f} ms = "
+                  f"{100 * lm.fixed_ms / full:.1f}% of the unreduced prefill ({full:.2f} ms predicted, "
+                  f"{lm.measured.get('full_prefill_ms', float('nan')):.2f} ms measured, "
+                  f"{lm.num_layers} layers, {lm.n_text:.1f} text + {lm.n_visual} visual tokens)")
+    o = Table(title="operator kinds: own time")
+    for c in ("kind", "ms per visual token in", f"ms at {lm.n_visual} tokens", "% of unreduced prefill"):
+        o.add_column(c, justify="right" if c != "kind" else "left")
+    for kind, per in sorted(lm.op_ms.items()):
+        o.add_row(kind, f"{per:.5f}", f"{per * lm.n_visual:.3f}", f"{100 * per * lm.n_visual / full:.1f}%")
+    console.print(o)

@@ -5,17 +5,20 @@ What a user waits for before the first token is the prefill: the vision tower an
 embeddings, every decoder layer on its (possibly reduced) sequence, the reduction steps and the last
 position's logits. The model splits it into
 
-- ``layer_ms(length)``: one decoder layer on a batch of sequences of that length, measured on a grid of
-  lengths (from the shortest a plan can leave to the unreduced length) and interpolated linearly;
-- ``fixed_ms``: what no plan shortens: the unreduced prefill minus its decoder layers;
+- ``layer_ms(length)``: one decoder layer's time on a batch of sequences of that length, measured where it
+  runs (inside the reduced forward, :func:`diffopsearch.patch.llava.stage_timer`'s "layer" stage) on a grid
+  of lengths from the text alone to the unreduced length, interpolated linearly;
+- ``fixed_ms``: what no plan shortens (vision tower, projector, embeddings, masks, logits): the forward
+  without sites minus its decoder layers;
 - ``op_ms[kind]``: each operator kind's own time per visual token entering its site (a linear model in the
-  tokens in: scoring, keys and the reduction all scale with them), measured inside a real reduced
-  forward by :func:`diffopsearch.patch.llava.stage_timer`.
+  tokens in: scoring, keys and the reduction all scale with them), the "reduce" stage of a real forward.
 
 A plan's predicted time is ``fixed + sum over layers of layer_ms(n_text + visual tokens in that layer)
-+ sum over sites of op_ms[kind] * tokens in``; its ratio is that over the unreduced prediction. The
-model is keyed by (device, backbone, dtype, batch size, attention implementation, torch version) and
-stored under the cache dir; a file that is damaged or made for another key is rebuilt, with a warning.
++ sum over sites of op_ms[kind] * tokens in``; its ratio divides by the unreduced model's prefill as
+users run it (the plain transformers forward, measured: ``reference_offset_ms`` is its difference from
+the forward without sites). The model is keyed by (device, backbone, dtype, batch size, attention
+implementation, torch version) and stored under the cache dir; a file that is damaged or made for
+another key is rebuilt, with a warning.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ class LatencyModel:
     op_ms: dict[str, float]          # kind -> ms per visual token entering the site
     n_visual: int
     n_text: float                    # the profiling batch's mean text tokens (the unreduced reference)
+    reference_offset_ms: float = 0.0  # the plain transformers forward minus this project's forward, no sites
     seconds: float = 0.0             # how long profiling took
     format: str = FORMAT
     measured: dict = field(default_factory=dict)  # the raw measurements the fits come from
@@ -89,8 +93,13 @@ class LatencyModel:
             total += self.layer_time(n_text + n)
         return total
 
+    def reference_ms(self, n_text: float) -> float:
+        """The unreduced model's prefill as users run it (the plain transformers forward)."""
+        return self.plan_ms(None, n_text) + self.reference_offset_ms
+
     def ratio(self, plan, n_text: float) -> float:
-        return self.plan_ms(plan, n_text) / self.plan_ms(None, n_text)
+        """Predicted prefill time of ``plan`` over the unreduced model's (plain transformers forward)."""
+        return self.plan_ms(plan, n_text) / self.reference_ms(n_text)
 
     def cost_record(self, plan, n_text: float) -> dict:
         """What plan.json records of a plan sized by measured time: the metric, this model's identity and
@@ -153,96 +162,107 @@ def load_cached(path: Path, key: dict) -> LatencyModel | None:
 
 # ---------------------------------------------------------------- profiling
 
-def _timeit(fn, min_run_time: float = 0.2) -> float:
+def _timeit(fn, min_run_time: float = 0.3) -> float:
     """Median ms of ``fn()`` (torch.utils.benchmark: warm-up and enough runs for ``min_run_time``)."""
     from torch.utils import benchmark
 
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def _staged(fwd, inputs, sync, repeats: int) -> dict:
+    """Median over ``repeats`` warm runs of the prefill's total and per-stage times (ms), from
+    :func:`diffopsearch.patch.llava.stage_timer`."""
+    from .evaluate import prefill
+    from .patch.llava import stage_timer
+
+    prefill(fwd, inputs)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        acc = {"reduce": 0.0, "layer": 0.0}
+
+        def record(stage, seconds, acc=acc):
+            acc[stage] = acc.get(stage, 0.0) + seconds
+
+        with stage_timer(record, sync):
+            t0 = time.perf_counter()
+            prefill(fwd, inputs)
+            sync()
+            acc["total"] = time.perf_counter() - t0
+        runs.append(acc)
+    return {k: 1e3 * sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
+
+
 def profile(model, inputs: dict, n_text: float, progress: bool = True) -> LatencyModel:
     """Profile ``model`` (a LlavaForConditionalGeneration) on one batch ``inputs`` (an eval batch: the
-    batch size and images the model is for) with mean text length ``n_text``."""
-    import torch
+    batch size and images the model is for) with mean text length ``n_text``.
 
+    Decoder layers are timed where they run, inside the reduced forward (``stage_timer``'s "layer" stage),
+    with the visual segment cut to each length of the grid by a random prune before layer 0; the fixed part
+    is the project's forward without sites minus its layers; the reference is the plain transformers
+    forward (what a user would otherwise run; latency ratios divide by it)."""
     from .evaluate import prefill, visual_token_count
-    from .patch.llava import apply_plan, stage_timer
+    from .patch.llava import apply_plan
     from .plan import Plan, Site, backbone_info
-    from .runtime import sync
+    from .runtime import sync as sync_device
 
     t_start = time.time()
     device = next(model.parameters()).device
+    sync = lambda: sync_device(device)  # noqa: E731
     n_visual, _ = visual_token_count(model.config)
-    lm = model.model.language_model
-    L = len(lm.layers)
+    L = len(model.model.language_model.layers)
     B, T = inputs["input_ids"].shape
-    d = lm.config.hidden_size
-    dtype = next(model.parameters()).dtype
-    short = max(2, int(round(n_text)) + 1)
-    lengths = sorted({int(round(short + (T - short) * i / (GRID - 1))) for i in range(GRID)})
-    kinds = {  # one site of each kind at layer 1, keeping half the tokens (attn needs a layer before it)
-        "attn/prune": Site(1, n_visual // 2, "attn"), "norm/prune": Site(1, n_visual // 2, "norm"),
-        "random/prune": Site(1, n_visual // 2, "random"),
-        "cls/prune": Site(1, n_visual // 2, "cls"),
-        "cls/merge": Site(1, n_visual // 2, "cls", merge=1.0, sharpness=math.inf, reweight=1.0),
-        "grid": Site(1, n_visual // 4, "none", "grid", merge=1.0, locality=math.inf),
-        "iqr": Site(1, n_visual // 2, "cls", "iqr", merge=1.0, sharpness=math.inf),
-        "dominant": Site(1, n_visual // 2, "cls", "dominant", merge=1.0, sharpness=math.inf),
+    backbone = backbone_info(model.config)
+    keeps = sorted({max(1, int(round(n_visual * i / (GRID - 1)))) for i in range(GRID)})
+    half = n_visual // 2
+    kinds = {  # one site of each kind at layer 1 (attn needs a layer before it)
+        "attn/prune": Site(1, half, "attn"), "norm/prune": Site(1, half, "norm"),
+        "random/prune": Site(1, half, "random"), "cls/prune": Site(1, half, "cls"),
+        "cls/merge": Site(1, half, "cls", merge=1.0, sharpness=math.inf, reweight=1.0),
+        "grid": Site(1, _grid_keep(n_visual), "none", "grid", merge=1.0, locality=math.inf),
+        "iqr": Site(1, half, "cls", "iqr", merge=1.0, sharpness=math.inf),
+        "dominant": Site(1, half, "cls", "dominant", merge=1.0, sharpness=math.inf),
         "bipartite": Site(1, n_visual - n_visual // 4, "none", "bipartite", merge=1.0, reweight=1.0),
     }
-    bar = _bar(progress, len(lengths) + 1 + len(kinds))
+    bar = _bar(progress, len(keeps) + 1 + len(kinds))
+    lengths, layer_ms, op_ms, raw, loop_ms = [], [], {}, {}, 0.0
     try:
-        layer = lm.layers[0]
-        layer_ms = []
-        with torch.inference_mode():
-            for n in lengths:
-                h = torch.randn(B, n, d, device=device, dtype=dtype)
-                pos = torch.arange(n, device=device)[None].expand(B, n)
-                pe = lm.rotary_emb(h, position_ids=pos)
-
-                def one_layer(h=h, pos=pos, pe=pe):
-                    layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
-                    sync(device)
-
-                layer_ms.append(_timeit(one_layer))
-                bar.advance()
+        for k in keeps:
+            sites = [Site(0, k, "random")] if k < n_visual else []
+            st = _staged(apply_plan(model, Plan(sites=sites, backbone=backbone)), inputs, sync, OP_REPEATS)
+            lengths.append(T - n_visual + k)
+            layer_ms.append(st["layer"] / L)
+            if not sites:
+                loop_ms = st["total"]
+            bar.advance()
 
         def full():
             prefill(model, inputs)
-            sync(device)
+            sync()
 
-        full_ms = _timeit(full, 0.5)
+        reference = _timeit(full)
         bar.advance()
-        fixed = max(0.0, full_ms - L * _interp(lengths, layer_ms, T))
-        op_ms, raw_ops = {}, {}
-        backbone = backbone_info(model.config)
         for kind, site in kinds.items():
             if site.score == "cls" and not _has_cls(model):
                 bar.advance()
                 continue
-            reduced = apply_plan(model, Plan(sites=[site], backbone=backbone))
-            spent = []
-            prefill(reduced, inputs)  # warm-up
-            for _ in range(OP_REPEATS):
-                acc = [0.0]
-                with stage_timer(lambda stage, s, acc=acc: acc.__setitem__(0, acc[0] + s), lambda: sync(device)):
-                    prefill(reduced, inputs)
-                spent.append(acc[0] * 1e3)
-            med = sorted(spent)[len(spent) // 2]
-            raw_ops[kind] = med
-            op_ms[kind] = med / n_visual
+            st = _staged(apply_plan(model, Plan(sites=[site], backbone=backbone)), inputs, sync, OP_REPEATS)
+            raw[kind] = st["reduce"]
+            op_ms[kind] = st["reduce"] / n_visual
             bar.advance()
     finally:
         bar.close()
+    fixed = max(0.0, loop_ms - L * layer_ms[-1])
     return LatencyModel(key=model_key(model, B, device), lengths=lengths, layer_ms=layer_ms, num_layers=L,
                         fixed_ms=fixed, op_ms=op_ms, n_visual=n_visual, n_text=float(n_text),
-                        seconds=round(time.time() - t_start, 2),
-                        measured={"full_prefill_ms": full_ms, "op_ms_at_layer1": raw_ops, "batch": [B, T]})
+                        reference_offset_ms=reference - loop_ms, seconds=round(time.time() - t_start, 2),
+                        measured={"full_prefill_ms": reference, "loop_prefill_ms": loop_ms,
+                                  "op_ms_at_layer1": raw, "batch": [B, T]})
 
 
-def _interp(xs, ys, x):
-    return LatencyModel(key={}, lengths=list(xs), layer_ms=list(ys), num_layers=1, fixed_ms=0.0, op_ms={},
-                        n_visual=0, n_text=0.0).layer_time(x)
+def _grid_keep(n: int) -> int:
+    """A near-square grid count about a quarter of ``n`` (what a 2 x 2 pool keeps)."""
+    side = max(1, int(round(n ** 0.5 / 2)))
+    return side * side
 
 
 def _has_cls(model) -> bool:
@@ -324,10 +344,11 @@ def print_model(lm: LatencyModel, path: Path, profiled: bool, console=None) -> N
     for n, ms in zip(lm.lengths, lm.layer_ms):
         t.add_row(str(n), f"{ms:.3f}")
     console.print(t)
-    full = lm.plan_ms(None, lm.n_text)
-    console.print(f"fixed parts (vision tower, projector, embeddings, logits): {lm.fixed_ms:.2f} ms = "
-                  f"{100 * lm.fixed_ms / full:.1f}% of the unreduced prefill ({full:.2f} ms predicted, "
-                  f"{lm.measured.get('full_prefill_ms', float('nan')):.2f} ms measured, "
+    full = lm.reference_ms(lm.n_text)
+    console.print(f"fixed parts (vision tower, projector, embeddings, masks, logits): {lm.fixed_ms:.2f} ms = "
+                  f"{100 * lm.fixed_ms / full:.1f}% of the unreduced prefill ({full:.2f} ms, the plain "
+                  f"transformers forward; {lm.measured.get('loop_prefill_ms', float('nan')):.2f} ms without sites "
+                  "in the reduced forward; "
                   f"{lm.num_layers} layers, {lm.n_text:.1f} text + {lm.n_visual} visual tokens)")
     o = Table(title="operator kinds: own time")
     for c in ("kind", "ms per visual token in", f"ms at {lm.n_visual} tokens", "% of unreduced prefill"):

@@ -72,6 +72,7 @@ class Row:
     sites: list = field(default_factory=list)
     summary: bool = False             # from a multi-method file's summary list (fewer fields)
     latency_ratio: float | None = None
+    latency_predicted: float | None = None  # cost=latency plans: the latency model's prediction
     reference: str | None = None      # source of the unreduced run the latency ratio divides by
 
     @property
@@ -147,7 +148,8 @@ def row_from_result(r: dict, source: str) -> Row:
                llm_input=_int(vt.get("llm_input")), avg_tokens=_num(vt.get("avg")),
                per_layer=list(vt["per_layer"]) if isinstance(vt.get("per_layer"), list) else None,
                peak_memory_mb=_num(r.get("peak_memory_mb")), setting=_setting(r), searched=searched,
-               sites=list(plan.get("sites") or []) if plan else [])
+               sites=list(plan.get("sites") or []) if plan else [],
+               latency_predicted=_num(lat.get("ratio_predicted")))
 
 
 def rows_from_summary(parent: dict, parent_row: Row, source: str) -> list[Row]:
@@ -311,7 +313,9 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
             line.append(" ".join(f"{t}={100 * a:.1f}" for t, a in sorted(r.per_type.items())))
         tokens = "" if r.avg_tokens is None else (
             f"{r.llm_input} / {r.avg_tokens:.1f}" if r.llm_input is not None else f"- / {r.avg_tokens:.1f}")
-        line += [_f(r.flops_ratio, ".3f"), _f(r.latency_ratio, ".3f"), _f(r.prefill_ms, ".2f"),
+        lat = _f(r.latency_ratio, ".3f") + (f" (pred. {r.latency_predicted:.3f})"
+                                            if r.latency_predicted is not None else "")
+        line += [_f(r.flops_ratio, ".3f"), lat, _f(r.prefill_ms, ".2f"),
                  _f(r.throughput, ".1f"), tokens, compact_layers(r.per_layer), r.source.rsplit("/", 1)[0]
                  if "/" in r.source else "."]
         cells.append(line)
@@ -336,7 +340,8 @@ def markdown(rows: list[Row], failed: list[dict], skipped: list[dict], root: str
               "the operator's own overhead included (docs/DESIGN.md section 4).",
               "- latency ratio: median measured prefill time per sample (vision tower, reduction and decoder) "
               "divided by that of the unreduced run (`none`) of the same model, data, device and batch size in this "
-              "collection; blank where there is none.",
+              "collection; blank where there is none. `(pred. x)`: a plan sized with `cost=latency`, the ratio its "
+              "latency model predicted.",
               "- visual tokens: entering the LLM / averaged over decoder layers (the FLOPs-equivalent count some "
               "papers report); per layer as `count x layers`.", ""]
     searched = [r for r in rows if r.searched and r.sites]

@@ -205,6 +205,11 @@ def card(plan, plan_file: Path, results: dict | None = None, note: str | None = 
     at = f" at {text_tokens:.1f} text tokens" if isinstance(text_tokens, (int, float)) and text_tokens else ""
     console.print(f"cost: FLOPs ratio {ratio_s}{at} (prefill, relative to the unreduced model); visual tokens: "
                   f"{per_layer[0]} entering the LLM, {avg:.1f} layer-averaged equivalent, of {n0}")
+    if cost.get("metric") == "latency" and isinstance(cost.get("latency_ratio_predicted"), (int, float)):
+        lm = cost.get("latency_model") or {}
+        console.print(f"sized by measured time (cost=latency): predicted latency ratio "
+                      f"{cost['latency_ratio_predicted']:.3f} on {lm.get('device', '?')}, batch "
+                      f"{lm.get('batch_size', '?')}, {lm.get('dtype', '?')}")
 
     # -- evaluation
     if note:
@@ -227,6 +232,10 @@ def card(plan, plan_file: Path, results: dict | None = None, note: str | None = 
         measured += f", {vt['avg']:.1f} layer-averaged visual tokens"
     if ms is not None:
         measured += f", prefill {ms:.2f} ms / sample (batch {lat.get('batch_size')}, {lat.get('device')})"
+    if isinstance(lat.get("ratio_measured"), (int, float)):
+        pred = lat.get("ratio_predicted")
+        measured += f", latency ratio {lat['ratio_measured']:.3f}" + (
+            f" (predicted {pred:.3f})" if isinstance(pred, (int, float)) else "")
     console.print(measured)
     if r.get("per_type"):
         console.print("per type: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}% (n={v['n']})"

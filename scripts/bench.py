@@ -290,7 +290,8 @@ def instrumented(model, timers: _Timers, sync):
     from diffopsearch.patch.llava import stage_timer
 
     def add(stage, seconds):
-        timers.op += seconds
+        if stage == "reduce":
+            timers.op += seconds
 
     inner = model.model
     real = type(inner).get_image_features.__get__(inner)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,19 +39,43 @@ def _env() -> dict:
             "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def _diffopsearch(args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "diffopsearch", *args], cwd=cwd, env=_env(), capture_output=True,
-                       text=True, timeout=timeout)
+def _two_processes() -> list:
+    """``accelerate launch`` of two CPU processes (gloo) on a free port: a launcher prefix."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # accelerate 1.15: `--multi_gpu` starts two processes through torchrun; without CUDA they run on the CPU
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port)]
+
+
+def _diffopsearch(args: list, cwd: Path, timeout: int = 300, launcher=None) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + ["-m", "diffopsearch", *args]
+    r = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
-def _kill_when(args: list, cwd: Path, ready, timeout: float = 300) -> None:
-    """Start `python -m diffopsearch ARGS`, SIGKILL it as soon as ``ready()`` is true."""
+def _kill_tree(proc) -> None:
+    """SIGKILL ``proc`` and every process below it (torchrun's workers start sessions of their own, so a
+    process-group kill would leave them running)."""
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    for p in tree:
+        p.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
+
+
+def _kill_when(args: list, cwd: Path, ready, timeout: float = 300, launcher=None) -> None:
+    """Start `python -m diffopsearch ARGS` (under ``launcher``: every process it starts), SIGKILL its whole
+    process group as soon as ``ready()`` is true."""
     log = cwd / f"killed-{time.monotonic_ns()}.stderr"
     with open(log, "wb") as err:  # a file, not a pipe: a full pipe would stall the run before its kill
-        proc = subprocess.Popen([sys.executable, "-m", "diffopsearch", *args], cwd=cwd, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen((launcher or [sys.executable]) + ["-m", "diffopsearch", *args], cwd=cwd,
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         t0 = time.time()
         try:
             while not ready():
@@ -60,10 +85,10 @@ def _kill_when(args: list, cwd: Path, ready, timeout: float = 300) -> None:
                 if time.time() - t0 > timeout:
                     pytest.fail("the run never reached the point where it is killed")
                 time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
+            _kill_tree(proc)
         finally:
             if proc.poll() is None:
-                proc.kill()
+                _kill_tree(proc)
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
@@ -80,6 +105,28 @@ def test_a_search_killed_after_its_first_checkpoint_resumes_to_the_same_plan(tmp
     step = json.loads(ckpt.read_text())["step"]
     assert step < 8  # killed mid-search
     _diffopsearch(["search", *args, f"hydra.run.dir={killed}", "resume=true"], tmp_path)
+    straight, resumed = tmp_path / "straight" / "plan.json", killed / "plan.json"
+    assert plan_without_run(resumed) == plan_without_run(straight)
+    assert json.loads(resumed.read_text())["run"]["resumed_from"] == step
+    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "step_s"}  # noqa: E731
+                       for x in p.read_text().splitlines()]
+    assert strip(killed / loop.LOG_NAME) == strip(tmp_path / "straight" / loop.LOG_NAME)
+
+
+@pytest.mark.slow
+def test_a_two_process_search_killed_after_a_checkpoint_resumes_to_the_same_plan(tmp_path, assets):
+    """Data parallel (2 processes, gloo): every process killed after the first checkpoint, the run resumed
+    with 2 processes ends at the plan and the step log of a 2-process run never interrupted."""
+    args = [a for a in SEARCH_ARGS if not a.startswith("search.steps=")] + [
+        "search.steps=6", f"model.path={assets.model}", f"dataset.path={assets.world}"]
+    _diffopsearch(["search", *args, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path, launcher=_two_processes())
+    killed = tmp_path / "killed"
+    ckpt = killed / ck.CKPT_DIR / ck.CKPT_META
+    _kill_when(["search", *args, f"hydra.run.dir={killed}"], tmp_path, ckpt.exists, launcher=_two_processes())
+    assert not (killed / "plan.json").exists()
+    step = json.loads(ckpt.read_text())["step"]
+    assert step < 6
+    _diffopsearch(["search", *args, f"hydra.run.dir={killed}", "resume=true"], tmp_path, launcher=_two_processes())
     straight, resumed = tmp_path / "straight" / "plan.json", killed / "plan.json"
     assert plan_without_run(resumed) == plan_without_run(straight)
     assert json.loads(resumed.read_text())["run"]["resumed_from"] == step

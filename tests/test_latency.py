@@ -171,3 +171,54 @@ def test_a_damaged_cache_file_is_rebuilt_with_a_warning(tmp_path, caplog, damage
     assert "profiling again" in caplog.text
     path.write_text(json.dumps(d))
     assert lat.load_cached(path, m.key) == m  # an intact file for the key is read back
+
+
+# ---------------------------------------------------------------- the commands, in-process
+
+pytestmark = pytest.mark.usefixtures("clean_cli_env")
+
+
+def test_profile_then_eval_and_search_with_cost_latency(capsys, monkeypatch, tmp_path, assets):
+    """`diffopsearch profile` builds and prints the model once; `eval cost=latency` sizes a baseline by it and
+    reports the measured ratio beside the predicted one; `search cost=latency` writes a plan that records
+    the metric and fits the latency budget; a latency budget below the reachable minimum exits 2 naming it."""
+    from fixtures import run_cli
+
+    monkeypatch.setenv("DIFFOPSEARCH_CACHE", str(tmp_path / "cache"))
+    common = [f"model.path={assets.model}", "model.device=cpu", f"dataset.path={assets.world}", "batch_size=2"]
+    code, out, err = run_cli(capsys, "profile", *common)
+    assert code == 0, err
+    assert "latency model:" in out and "profiled now" in out and "one decoder layer" in out
+    code, out, err = run_cli(capsys, "profile", *common)
+    assert code == 0 and "read from the cache" in out  # the second run does not profile again
+
+    # budgets from what this machine measured: a tiny model is mostly fixed cost, so what is reachable varies
+    (cached,) = (tmp_path / "cache" / "latency").glob("*.json")
+    m = lat.LatencyModel(**json.loads(cached.read_text()))
+    backbone = {"num_layers": m.num_layers, "visual_tokens": m.n_visual}
+
+    def floor(layer):  # the cheapest plan: one random token left before ``layer``
+        return m.ratio(Plan(sites=[method_site("random", layer, 1)], backbone=backbone), m.n_text)
+
+    ok = round(floor(1) + 0.7 * (1 - floor(1)), 3)
+    code, _, err = run_cli(capsys, "eval", *common, "plan=random", "cost=latency", f"budget={ok}", "limit=2",
+                           "max_new_tokens=2", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert code == 0, err
+    r = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert r["cost"] == "latency" and r["plan"]["cost"]["metric"] == "latency"
+    assert 0 < r["plan"]["cost"]["latency_ratio_predicted"] <= ok
+    assert r["latency"]["ratio_predicted"] == r["plan"]["cost"]["latency_ratio_predicted"]
+    assert r["latency"]["ratio_measured"] > 0
+
+    run = tmp_path / "search"
+    args = [a for a in fx.SEARCH_ARGS if not a.startswith("budget=")]
+    code, _, err = run_cli(capsys, "search", *args, *common, "cost=latency", f"budget={ok}",
+                           f"hydra.run.dir={run}")
+    assert code == 0, err
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["cost"]["metric"] == "latency" and plan["cost"]["latency_ratio_predicted"] <= ok
+
+    low = round(floor(0) / 2, 4)
+    code, _, err = run_cli(capsys, "eval", *common, "plan=random", "cost=latency", f"budget={low}", "limit=2",
+                           f"hydra.run.dir={tmp_path / 'low'}")
+    assert code == 2 and "Traceback" not in err and "raise the budget to >= " in err

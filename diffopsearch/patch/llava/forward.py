@@ -30,7 +30,8 @@ _SYNC: Callable[[], None] | None = None
 def stage_timer(record: Callable[[str, float], None], sync: Callable[[], None] | None = None):
     """For as long as the block runs, every reduced forward calls ``record(stage, seconds)`` after each
     timed stage: ``"reduce"``, one site's reduction step (its scores, similarity keys, ``hard_reduce`` and the
-    splice back into the sequence) and the CLS score read from the vision tower's q/k. ``sync`` (e.g.
+    splice back into the sequence) and the CLS score read from the vision tower's q/k; ``"layer"``, one
+    decoder layer's call (the latency model's per-layer time, measured where it runs). ``sync`` (e.g.
     ``torch.cuda.synchronize``) runs before and after each stage, so asynchronous devices are timed too.
     Off (the default), a stage costs one ``is None`` check."""
     global _RECORD, _SYNC
@@ -214,7 +215,8 @@ def run(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, posit
             if checkpoint and seq.h.requires_grad:  # memory: recompute this layer in the backward
                 seq.h = torch.utils.checkpoint.checkpoint(layer, seq.h, use_reentrant=False, **kw)
             else:
-                seq.h = layer(seq.h, **kw)
+                with _stage("layer"):
+                    seq.h = layer(seq.h, **kw)
             cap.q.pop(l - 1, None), cap.k.pop(l - 1, None)   # free what is no longer needed
     finally:
         cap.close()

@@ -358,3 +358,65 @@ def test_selection_records_whether_the_gradient_plan_won(tiny4, train):
     scored = [r for r in table if r["ce"] is not None]
     assert len(scored) == 2 and table[sel["chosen"]]["ce"] == min(r["ce"] for r in scored)
     assert all(r.get("screen_ce") is not None for r in table[1:])
+
+
+def test_a_prune_site_that_learned_to_merge_past_the_budget_runs_without_the_merge(tiny4):
+    """The policy's first sites are feasible with the regimes' knobs; if a prune site's learned merge knob
+    switches on a merge overhead the budget cannot carry, the planner runs it with merge 0 (under budget)
+    instead of failing."""
+    model, _ = tiny4
+    space = _space(model)
+    k = Knobs()
+    # the tightest budget a prune by norm at layer 1 meets (keep 1, no merge overhead)
+    choice = Choice(space.layers.index(1), _op("prune/norm"))
+    floor = _planner(model, budget=1.0, space=space).cost(
+        _planner(model, budget=1.0, space=space).sites(choice, k.floats, 1))
+    pl = _planner(model, budget=floor, space=space)
+    assert pl.keep1(choice, k.floats) == 1
+
+    def merging(slot, regime):
+        return {**k.floats(slot, regime), "merge": 0.5}
+
+    assert pl.keep1(choice, merging) is None  # the merge's own overhead does not fit
+    (site,) = pl.hard_sites(choice, merging)
+    assert site.keep == 1 and site.merge == 0.0 and pl.cost([site]) <= floor + 1e-12
+    plan = pl.plan(choice, merging)
+    assert plan is not None and plan.sites[0].merge == 0.0
+
+
+def test_paired_difference_is_the_mean_and_its_standard_error():
+    from diffopsearch.runtime import Procs
+    from diffopsearch.search.select import paired_difference
+
+    a = torch.tensor([0.5, 0.2, 0.9, 0.4], dtype=torch.float64)
+    b = torch.tensor([0.4, 0.4, 0.6, 0.4], dtype=torch.float64)
+    d = a - b
+    mean, se = paired_difference(a, b, Procs())
+    assert mean == pytest.approx(float(d.mean())) and se == pytest.approx(float(d.std() / 2.0))
+
+
+@pytest.mark.parametrize("gain, replaced", [(0.002, False), (0.2, True)])
+def test_a_challenger_replaces_the_gradient_plan_only_by_more_than_the_margin(monkeypatch, gain, replaced):
+    """Selection's rule on fixed per-question losses (plan_scores stands in for the model): a challenger
+    whose CE is lower by less than one paired standard error keeps the gradient plan; by more, wins."""
+    from diffopsearch.search import loop, select
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(64, generator=g, dtype=torch.float64)
+    noise = 0.05 * torch.randn(64, generator=g, dtype=torch.float64)
+    noise -= noise.mean()  # the difference is exactly -gain on average, its spread ~0.05
+    per_q = {"gradient": base, "challenger": base - gain + noise}
+
+    def fake_scores(model, processor, plan, data, batch_size=32, procs=None, per_question=False):
+        pq = per_q[plan]
+        return {"accuracy": 0.5, "ce": float(pq.mean()), "n": len(pq), "per_question": pq}
+
+    monkeypatch.setattr(loop, "plan_scores", fake_scores)
+    monkeypatch.setattr(select, "_row", lambda origin, plan: {"origin": origin})
+    held = type("Held", (), {"__len__": lambda self: 64, "split": "held"})()
+    (origin, _), best, table = select.select_plan(None, None, [("gradient", "gradient"), ("c", "challenger")],
+                                                  held, screen=None, margin=1.0)
+    assert table[1]["ce"] < table[0]["ce"]  # the challenger is lower either way
+    assert (best == 1) == replaced and (origin == "c") == replaced
+    assert abs(table[1]["paired_diff"]) > table[1]["paired_se"] if replaced else \
+        abs(table[1]["paired_diff"]) < table[1]["paired_se"]

@@ -3,8 +3,8 @@ choices, and the operators' continuous knobs.
 
 Policy (score-function gradients): the first site's layer, then its operator given the layer; then
 whether a second site follows (a Bernoulli per first layer), its layer among the later ones, its
-operator given that layer and its keep ratio given the operator. One site, two sites and non-increasing counts are what it expresses; the
-first site's keep is solved from the budget (:mod:`.space`). Every factor starts uniform over what is
+operator given that layer and its keep ratio given the operator. One site, two sites and non-increasing
+counts are what it expresses; the first site's keep is solved from the budget (:mod:`.space`). Every factor starts uniform over what is
 allowed and feasible at the budget, and "a second site" at even odds.
 
 Knobs (backpropagation through the hard forward): merge, sharpness, locality and reweight per slot
@@ -94,32 +94,24 @@ class Policy(nn.Module):
         policy's second-site factors (None where no second site can follow it). The search runs both: their
         difference on the same batch is the second site's value, with the first site's effect cancelled."""
         f = self.factors()
-
-        def draw(logp: Tensor) -> int:
-            return int(torch.multinomial(logp.detach().exp(), 1, generator=generator))
-
-        l1 = draw(f["layer1"])
-        o1 = draw(f["op1"][l1])
+        l1 = _draw(f["layer1"], generator)
+        o1 = _draw(f["op1"][l1], generator)
         if float(f["two"][l1].detach()) < NEG / 2:
             return Choice(l1, o1), None
-        l2 = draw(f["layer2"][l1])
-        o2 = draw(f["op2"][l2])
-        return Choice(l1, o1), Choice(l1, o1, (l2, o2, draw(f["ratio"][o2])))
+        l2 = _draw(f["layer2"][l1], generator)
+        o2 = _draw(f["op2"][l2], generator)
+        return Choice(l1, o1), Choice(l1, o1, (l2, o2, _draw(f["ratio"][o2], generator)))
 
     def sample(self, generator: torch.Generator) -> Sample:
         """One plan drawn from the policy with ``generator`` (on the CPU: draws are a function of its seed)."""
         f = self.factors()
-
-        def draw(logp: Tensor) -> int:
-            return int(torch.multinomial(logp.detach().exp(), 1, generator=generator))
-
-        l1 = draw(f["layer1"])
-        o1 = draw(f["op1"][l1])
+        l1 = _draw(f["layer1"], generator)
+        o1 = _draw(f["op1"][l1], generator)
         second = None
         if float(f["two"][l1].detach()) > NEG / 2 and float(torch.rand((), generator=generator)) < float(f["two"][l1].detach().exp()):
-            l2 = draw(f["layer2"][l1])
-            o2 = draw(f["op2"][l2])
-            second = (l2, o2, draw(f["ratio"][o2]))
+            l2 = _draw(f["layer2"][l1], generator)
+            o2 = _draw(f["op2"][l2], generator)
+            second = (l2, o2, _draw(f["ratio"][o2], generator))
         c = Choice(l1, o1, second)
         return Sample(c, self.log_prob(c, f))
 
@@ -182,6 +174,7 @@ class Policy(nn.Module):
         po = (p2[:, None] * f["op2"].exp()).sum(0)                                          # (O,)
         second = (p1 * h(f["layer2"])).sum() + (p2 * h(f["op2"])).sum() + (po * h(f["ratio"])).sum()
         return h(f["layer1"]) + (p1 * (h(f["op1"]) + h_two)).sum() + second
+
     def distributions(self) -> dict:
         """JSON-ready marginals (plan.json's ``search.distributions``)."""
         with torch.no_grad():
@@ -191,6 +184,10 @@ class Policy(nn.Module):
                     "first_layer": _rounded(p1), "first_op": _rounded(f["op1"].exp()),
                     "second_site": _rounded(f["two"].exp()), "second_layer": _rounded(self.layer2.softmax(-1)),
                     "second_op": _rounded(f["op2"].exp()), "ratio": _rounded(f["ratio"].exp())}
+
+
+def _draw(logp: Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(logp.detach().exp(), 1, generator=generator))
 
 
 def _unravel(idx: int, shape) -> list[int]:

@@ -108,8 +108,18 @@ class Planner:
     def hard_sites(self, choice: Choice, floats, knobs=None) -> list:
         """The sites ``choice`` runs with under the budget: knobs ``floats(slot, regime)`` (floats, also what
         the keep is solved with), or ``knobs(slot, regime)`` (tensors) for the forward to differentiate."""
-        choice, k1 = self.fit(choice, floats)
+        choice, k1, floats, knobs = self._runnable(choice, floats, knobs)
         return self.sites(choice, knobs or floats, k1)
+
+    def _runnable(self, choice: Choice, floats, knobs=None):
+        """``fit``, and where the learned knobs switched on an overhead the budget cannot carry (a prune
+        site that learned to merge, on a budget its feasible prune just met), the choice with merge 0:
+        every choice the policy may draw runs under budget."""
+        choice, k1 = self.fit(choice, floats)
+        if k1 is None:
+            floats, knobs = _no_merge(floats), (_no_merge(knobs) if knobs is not None else None)
+            choice, k1 = self.fit(choice, floats)
+        return choice, k1, floats, knobs
 
     def sites(self, choice: Choice, knobs, keep1: int) -> list:
         """Site objects (:class:`~diffopsearch.plan.Site`, or tensor-knob sites when ``knobs`` returns
@@ -186,7 +196,7 @@ class Planner:
         from ..cost import plan_cost
         from ..plan import Plan
 
-        choice, k1 = self.fit(choice, knobs)
+        choice, k1, knobs, _ = self._runnable(choice, knobs)
         if k1 is None:
             return None
         plan = Plan(sites=self.sites(choice, knobs, k1), backbone=dict(self.backbone), budget=self.budget,
@@ -243,6 +253,16 @@ def available_scores(model_config) -> tuple[str, ...]:
     n = int(model_config.vision_config.num_hidden_layers)
     hs = idx if idx >= 0 else n + 1 + idx
     return ("attn", "cls", "norm") if hs >= 1 else ("attn", "norm")
+
+
+def _no_merge(knobs):
+    """``knobs`` with merge 0 at every slot (a float, or a tensor without a graph when the others are tensors)."""
+    def wrapped(slot, regime):
+        k = dict(knobs(slot, regime))
+        m = k["merge"]
+        k["merge"] = m.detach() * 0 if hasattr(m, "detach") else 0.0
+        return k
+    return wrapped
 
 
 def min_cost_ratio(text_config, backbone: dict, n_text: float, first_layer: int, latency=None) -> float:

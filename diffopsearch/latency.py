@@ -162,22 +162,23 @@ def load_cached(path: Path, key: dict) -> LatencyModel | None:
 
 # ---------------------------------------------------------------- profiling
 
-def _timeit(fn, min_run_time: float = 0.3) -> float:
-    """Median ms of ``fn()`` (torch.utils.benchmark: warm-up and enough runs for ``min_run_time``)."""
-    from torch.utils import benchmark
-
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-def _staged(fwd, inputs, sync, repeats: int) -> dict:
-    """Median over ``repeats`` warm runs of the prefill's total and per-stage times (ms), from
-    :func:`diffopsearch.patch.llava.stage_timer`."""
+def _paired(fwd, model, inputs, sync, repeats: int, refs: list) -> dict:
+    """Per-stage and total times of ``fwd``'s prefill (:func:`diffopsearch.patch.llava.stage_timer`) as
+    fractions of the plain transformers forward run just before it in the same round: the median over
+    ``repeats`` rounds. Pairing cancels the slow drift of a shared machine (this one's timings wander by
+    10-20% over a minute); the reference times themselves go to ``refs``."""
     from .evaluate import prefill
     from .patch.llava import stage_timer
 
     prefill(fwd, inputs)  # warm-up
     runs = []
     for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        prefill(model, inputs)
+        sync()
+        ref = time.perf_counter() - t0
+        refs.append(ref)
         acc = {"reduce": 0.0, "layer": 0.0}
 
         def record(stage, seconds, acc=acc):
@@ -188,8 +189,8 @@ def _staged(fwd, inputs, sync, repeats: int) -> dict:
             prefill(fwd, inputs)
             sync()
             acc["total"] = time.perf_counter() - t0
-        runs.append(acc)
-    return {k: 1e3 * sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
+        runs.append({k: v / ref for k, v in acc.items()})
+    return {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
 
 
 def profile(model, inputs: dict, n_text: float, progress: bool = True) -> LatencyModel:
@@ -198,8 +199,9 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
 
     Decoder layers are timed where they run, inside the reduced forward (``stage_timer``'s "layer" stage),
     with the visual segment cut to each length of the grid by a random prune before layer 0; the fixed part
-    is the project's forward without sites minus its layers; the reference is the plain transformers
-    forward (what a user would otherwise run; latency ratios divide by it)."""
+    is the project's forward without sites minus its layers; every measurement is taken as a fraction of
+    the plain transformers forward run beside it (the reference: what a user would otherwise run, which
+    latency ratios divide by), then scaled by the reference's median time."""
     from .evaluate import prefill, visual_token_count
     from .patch.llava import apply_plan
     from .plan import Plan, Site, backbone_info
@@ -223,40 +225,40 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
         "dominant": Site(1, half, "cls", "dominant", merge=1.0, sharpness=math.inf),
         "bipartite": Site(1, n_visual - n_visual // 4, "none", "bipartite", merge=1.0, reweight=1.0),
     }
-    bar = _bar(progress, len(keeps) + 1 + len(kinds))
-    lengths, layer_ms, op_ms, raw, loop_ms = [], [], {}, {}, 0.0
+    bar = _bar(progress, len(keeps) + len(kinds))
+    lengths, layer_frac, op_frac, refs, loop_frac = [], [], {}, [], 1.0
     try:
+        prefill(model, inputs)  # warm-up of the reference
         for k in keeps:
             sites = [Site(0, k, "random")] if k < n_visual else []
-            st = _staged(apply_plan(model, Plan(sites=sites, backbone=backbone)), inputs, sync, OP_REPEATS)
+            st = _paired(apply_plan(model, Plan(sites=sites, backbone=backbone)), model, inputs, sync, OP_REPEATS,
+                         refs)
             lengths.append(T - n_visual + k)
-            layer_ms.append(st["layer"] / L)
+            layer_frac.append(st["layer"] / L)
             if not sites:
-                loop_ms = st["total"]
+                loop_frac = st["total"]
             bar.advance()
-
-        def full():
-            prefill(model, inputs)
-            sync()
-
-        reference = _timeit(full)
-        bar.advance()
         for kind, site in kinds.items():
             if site.score == "cls" and not _has_cls(model):
                 bar.advance()
                 continue
-            st = _staged(apply_plan(model, Plan(sites=[site], backbone=backbone)), inputs, sync, OP_REPEATS)
-            raw[kind] = st["reduce"]
-            op_ms[kind] = st["reduce"] / n_visual
+            st = _paired(apply_plan(model, Plan(sites=[site], backbone=backbone)), model, inputs, sync, OP_REPEATS,
+                         refs)
+            op_frac[kind] = st["reduce"]
             bar.advance()
     finally:
         bar.close()
+    ref_ms = 1e3 * sorted(refs)[len(refs) // 2]
+    layer_ms = [f * ref_ms for f in layer_frac]
+    loop_ms = loop_frac * ref_ms
     fixed = max(0.0, loop_ms - L * layer_ms[-1])
     return LatencyModel(key=model_key(model, B, device), lengths=lengths, layer_ms=layer_ms, num_layers=L,
-                        fixed_ms=fixed, op_ms=op_ms, n_visual=n_visual, n_text=float(n_text),
-                        reference_offset_ms=reference - loop_ms, seconds=round(time.time() - t_start, 2),
-                        measured={"full_prefill_ms": reference, "loop_prefill_ms": loop_ms,
-                                  "op_ms_at_layer1": raw, "batch": [B, T]})
+                        fixed_ms=fixed, op_ms={k: f * ref_ms / n_visual for k, f in op_frac.items()},
+                        n_visual=n_visual, n_text=float(n_text), reference_offset_ms=ref_ms - loop_ms,
+                        seconds=round(time.time() - t_start, 2),
+                        measured={"full_prefill_ms": ref_ms, "loop_prefill_ms": loop_ms,
+                                  "op_ms_at_layer1": {k: f * ref_ms for k, f in op_frac.items()},
+                                  "reference_runs": len(refs), "batch": [B, T]})
 
 
 def _grid_keep(n: int) -> int:

@@ -201,7 +201,7 @@ def run_evaluations(a, model, processor, dataset, n_text: float, settings_key: s
         run_dir = a.work / "eval" / (method if method == "none" else f"{method}-b{budget:g}")
         key = _key(settings_key, plan.to_dict())
         r = _read_json(run_dir / "results.json")
-        if r is None or r.get("bench_key") != key:
+        if a.fresh or r is None or r.get("bench_key") != key:
             _log(f"eval {method} @ {budget:g} -> {run_dir}")
             t0 = time.perf_counter()
             try:
@@ -233,7 +233,7 @@ def run_searches(a, model_dir: Path, settings_key: str) -> dict:
         key = _key(settings_key, overrides)
         side = _read_json(run_dir / "bench.json") or {}
         r = _read_json(run_dir / "results.json")
-        if side.get("key") != key or r is None or not (run_dir / "plan.json").exists():
+        if a.fresh or side.get("key") != key or r is None or not (run_dir / "plan.json").exists():
             # a finished run made with other settings (or --fresh) is cleared; an interrupted one (no
             # bench.json yet) is left for the search's own resume
             if run_dir.exists() and (a.fresh or side):
@@ -781,8 +781,11 @@ def _main(a, argv) -> int:
     cfg = compose("eval", base_overrides(a, model_dir))
     # the name the CLI gives the model (evaluate.run / search.run), so that report.py sees one setting
     model_name = f"{cfg.model.name}:{cfg.model.path}" if cfg.model.path else str(cfg.model.name)
+    from diffopsearch.fingerprint import code_fingerprint
+
+    # the package's source is part of the key: a rerun after a code change measures again
     settings_key = _key(_file_hash(model_dir), a.limit, a.batch_size, a.max_new_tokens, a.seed,
-                        dict(cfg.dataset), dict(cfg.model), model_name)
+                        dict(cfg.dataset), dict(cfg.model), model_name, code_fingerprint())
     dataset = load_from_config(cfg.dataset, limit=a.limit)
     model, processor = load_backbone(cfg.model)
     n_text = mean_prompt_text_tokens(processor, dataset)

@@ -249,7 +249,7 @@ def child_act(a) -> dict:
     from diffopsearch.data.datasets import make_train_batch
     from diffopsearch.patch.llava import encode_images
     from diffopsearch.search.loop import plan_losses, reference_logprobs
-    from diffopsearch.search.space import SearchSite
+    from diffopsearch.operators.reduce import SearchSite
 
     model, proc, train = load(a.model, a.world)
     tc = model.config.text_config

@@ -14,7 +14,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 import diffopsearch
 from diffopsearch.backbone.toy import ASSET_DIR, build_model
 from diffopsearch.errors import UserError
-from diffopsearch.patch.llava import ReducedCache, ReducedLlava
+from diffopsearch.patch.llava import ReducedCache, ReducedLlava, cache_of
 from diffopsearch.plan import Plan, Site, backbone_info
 
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -94,8 +94,8 @@ def test_reduced_forward_keeps_the_call_conventions():
         tup = r(**inputs, return_dict=False, use_cache=False, logits_to_keep=1)
     assert isinstance(out, LlavaCausalLMOutputWithPast)
     assert out.logits.shape == (B, T - (36 - 4), m.config.text_config.vocab_size)     # reduced length
-    assert isinstance(out.past_key_values, ReducedCache)
-    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [T, T - 24, T - 24, T - 32]
+    assert isinstance(cache_of(out), ReducedCache)
+    assert [layer.keys.shape[-2] for layer in cache_of(out).layers] == [T, T - 24, T - 24, T - 32]
     assert torch.isfinite(out.loss)
     assert isinstance(tup, tuple) and tup[0].shape == (B, 1, m.config.text_config.vocab_size)
     torch.testing.assert_close(tup[0][:, -1], out.logits[:, -1], atol=1e-5, rtol=1e-5)

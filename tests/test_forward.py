@@ -138,13 +138,13 @@ def test_decoding_on_reduced_cache_equals_recomputing(knobs):
         # the cache really is shorter after the site
         pos = (inputs["attention_mask"].cumsum(-1) - 1).masked_fill(inputs["attention_mask"] == 0, 0)
         out = r(**inputs, position_ids=pos, use_cache=True)
-        lens = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+        lens = [layer.keys.shape[-2] for layer in P.cache_of(out).layers]
         T = inputs["input_ids"].shape[1]
         assert lens == [T, T, T - (N_VIS - 10), T - (N_VIS - 10)]
         # one cached step equals the recomputed logits
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         am2 = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
-        step = r(input_ids=nxt, attention_mask=am2, past_key_values=out.past_key_values,
+        step = r(input_ids=nxt, attention_mask=am2, past_key_values=P.cache_of(out),
                  position_ids=pos[:, -1:] + 1).logits[:, -1]
         ids2 = torch.cat([inputs["input_ids"], nxt], 1)
         pos2 = (am2.cumsum(-1) - 1).masked_fill(am2 == 0, 0)
@@ -210,7 +210,7 @@ def test_generate_on_the_reduced_cache_equals_recomputing_with_eos_in_the_batch(
     T, steps, pad = inputs["input_ids"].shape[1], 6, m.config.pad_token_id
     with torch.no_grad():
         # the prefill's cache really is shorter, layer by layer, by what the plan removed before that layer
-        cache = r(**inputs, position_ids=pos, use_cache=True).past_key_values
+        cache = P.cache_of(r(**inputs, position_ids=pos, use_cache=True))
         assert [layer.keys.shape[-2] for layer in cache.layers] == [T - (N_VIS - v) for v in
                                                                     plan.visual_tokens_per_layer()]
         ref = _recompute_greedy(r, inputs, steps)
@@ -292,7 +292,7 @@ def test_bad_visual_segment_is_a_clear_error():
 
 def knob_site(layer, keep, score="attn", **knobs):
     """A site whose knobs are tensors that require grad (what the search runs)."""
-    from diffopsearch.search.space import SearchSite
+    from diffopsearch.operators.reduce import SearchSite
 
     fields = dict(anchors="topk", merge=0.0, sharpness=0.0, locality=0.0, reweight=0.0)
     fields.update(knobs)

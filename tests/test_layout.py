@@ -35,6 +35,20 @@ def _modules():
         yield ".".join(parts), path, is_pkg
 
 
+def private_imports(name: str, path: Path, is_pkg: bool):
+    """(line, module, name) for every private name (``_x``) imported from another module of the package."""
+    here = name.split(".") if is_pkg else name.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            mod = (".".join(here[: len(here) - (node.level - 1)] + ([node.module] if node.module else []))
+                   if node.level else node.module or "")
+            if mod.split(".")[0] != "diffopsearch" or mod == name:
+                continue
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    yield node.lineno, mod, a.name
+
+
 def imports(name: str, path: Path, is_pkg: bool):
     """(line, absolute module imported) for every import statement of the module."""
     here = name.split(".") if is_pkg else name.split(".")[:-1]
@@ -86,6 +100,8 @@ def violations() -> list[str]:
             if allowed is not None and target not in allowed and target != part:
                 out.append(f"{where}:{line} imports {mod}: {part} may import only {sorted(allowed) or 'nothing'} "
                            "of the package")
+        for line, mod, private in private_imports(name, path, is_pkg):
+            out.append(f"{where}:{line} imports the private name {private} of {mod}: make it public or keep it inside")
     return out
 
 
@@ -101,11 +117,13 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     (fake / "search").mkdir()
     (fake / "operators" / "bad.py").write_text("import torch\nfrom ..plan import Site\n")
     (fake / "search" / "bad.py").write_text("def f():\n    from omegaconf import OmegaConf\n")
+    (fake / "search" / "worse.py").write_text("from .bad import _helper\n")
     monkeypatch.setattr(sys.modules[__name__], "PKG", fake)
     found = violations()
     assert any("operators/bad.py:2 imports diffopsearch.plan" in v for v in found)
     assert any("search/bad.py:2 imports omegaconf" in v for v in found)
-    assert len(found) == 2
+    assert any("search/worse.py:1 imports the private name _helper" in v for v in found)
+    assert len(found) == 3
 
 
 @pytest.mark.parametrize("part", sorted(RULES))

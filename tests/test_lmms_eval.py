@@ -35,7 +35,7 @@ from lmms_eval.tasks.gqa.utils import gqa_doc_to_text, gqa_doc_to_visual  # noqa
 
 from diffopsearch import evaluate as ev  # noqa: E402
 from diffopsearch.baselines import make_plan  # noqa: E402
-from diffopsearch.data.datasets import _local_cache_dir, load_qa  # noqa: E402
+from diffopsearch.data.datasets import local_cache_dir, load_qa  # noqa: E402
 from diffopsearch.data.prompts import POST_PROMPT  # noqa: E402
 from diffopsearch.errors import UserError  # noqa: E402
 from diffopsearch.integrations import LMMS_CLASS_PATH, LMMS_MODEL_ID, lmms_eval_manifest  # noqa: E402
@@ -262,7 +262,7 @@ def test_lmms_eval_scores_a_local_gqa_task_with_its_own_metric(world, fastv_plan
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     # `datasets` names a local folder's cache after its base name only: a private one per world
-    cache = _local_cache_dir(Path(ds.path))
+    cache = local_cache_dir(Path(ds.path))
     (tasks / "toy_gqa.yaml").write_text(TASK_YAML.format(world=ds.path, cache=cache))
     (tasks / "utils.py").write_text(TASK_UTILS.format(world=ds.path, cache=cache))
     out = simple_evaluate(model=LMMS_MODEL_ID, model_args=f"pretrained=toy,plan={path}",

@@ -223,7 +223,7 @@ def test_knob_gradients_do_not_depend_on_checkpointing_or_micro_batches(real):
     from diffopsearch.data.datasets import load_qa, make_train_batch
     from diffopsearch.patch.llava import encode_images
     from diffopsearch.search.loop import micro_batches, plan_losses, reference_logprobs
-    from diffopsearch.search.space import SearchSite
+    from diffopsearch.operators.reduce import SearchSite
 
     model, processor = load_backbone(str(real[0]), dtype="float32", device="cpu")
     ds = load_qa("toy", str(real[1]), "train")

@@ -247,7 +247,7 @@ def test_saved_activations_of_a_knob_backward_are_bounded_by_the_shapes(tiny4, t
     """Memory ceiling: what autograd keeps for the knobs' backward of one plan, counted by saved-tensor hooks.
     With activation checkpointing it is at most a few (B, T, d) tensors per layer plus the site's own
     (B, n, n) similarity; without, more (so a quadratic blow-up or a leak fails here, not on a GPU)."""
-    from diffopsearch.search.space import SearchSite
+    from diffopsearch.operators.reduce import SearchSite
 
     model, proc = tiny4
     b = _batch(model, proc, train)

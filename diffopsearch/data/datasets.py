@@ -44,7 +44,7 @@ MAX_REPORTED_ERRORS = 20
 
 # ---------------------------------------------------------------- loading
 
-def _local_cache_dir(path: Path) -> str:
+def local_cache_dir(path: Path) -> str:
     """A `datasets` cache folder private to one local data set *and its current files*.
 
     `datasets` 5 names the Arrow cache of a local folder after the folder's base name and config
@@ -68,7 +68,7 @@ def _load_split(path: str, config: str | None, split: str, what: str):
     local = Path(path).expanduser()
     if local.is_dir():
         path = str(local)
-        kwargs["cache_dir"] = _local_cache_dir(local)
+        kwargs["cache_dir"] = local_cache_dir(local)
     elif path.startswith((".", "/", "~")):
         raise UserError(f"dataset.path {path!r} does not exist: give a Hugging Face dataset id "
                         f"(e.g. {DEFAULTS['gqa']['path']}) or a local folder laid out like it.")

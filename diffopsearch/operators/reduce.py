@@ -42,6 +42,7 @@ the output is differentiable in merge, sharpness, locality and reweight).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -254,6 +255,22 @@ def assignment(keys_src, keys_anc, c_src, c_anc, sharpness, locality, allowed=No
 
 
 # ----------------------------------------------------------------------------- hard mode
+
+@dataclass
+class SearchSite:
+    """The site protocol :func:`hard_reduce` reads (``layer``, ``keep``, ``score``, ``anchors`` and the four
+    knobs), with tensor knobs: the search's forward differentiates through them. ``plan.Site`` is the same
+    protocol with float knobs."""
+
+    layer: int
+    keep: int
+    score: str
+    anchors: str
+    merge: object
+    sharpness: object
+    locality: object
+    reweight: object
+
 
 def hard_reduce(x, keys, scores, pos, coords, sizes, site) -> Reduced:
     """Apply one site for real: returns exactly ``site.keep`` tokens per sample, in original

@@ -137,6 +137,7 @@ class Planner:
 
     @staticmethod
     def _site(layer, keep, op, k):
+        from ..operators.reduce import SearchSite
         from ..plan import Site
 
         fields = regime_knobs(op.regime, op.score)
@@ -205,20 +206,6 @@ class Planner:
         if self.latency is not None:
             plan.cost.update(self.latency.cost_record(plan, self.n_text))
         return plan
-
-
-@dataclass
-class SearchSite:
-    """A hard site whose knobs are tensors (the search's forward differentiates through them)."""
-
-    layer: int
-    keep: int
-    score: str
-    anchors: str
-    merge: object
-    sharpness: object
-    locality: object
-    reweight: object
 
 
 @lru_cache(maxsize=None)

@@ -176,12 +176,18 @@ class ReducedLlava:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
             position_ids = position_ids[:, -1:] + 1
             out = self.forward(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                               past_key_values=cache_of(out), use_cache=True, logits_to_keep=1)
 
 
 # transformers 5.24 renamed the output fields (past_key_values -> cache, image_hidden_states ->
 # image_outputs, whose pooler_output `image_hidden_states` now reads): build whichever this version has.
 _OUTPUT_FIELDS = set(getattr(LlavaCausalLMOutputWithPast, "__dataclass_fields__", {}))
+
+
+def cache_of(out):
+    """The KV cache of a forward's output, by the field name this transformers version has (reading the
+    old name on 5.24+ is a deprecation warning)."""
+    return out.cache if "cache" in _OUTPUT_FIELDS else out.past_key_values
 
 
 def _causal_lm_output(loss, logits, cache, image_features, n_images=None) -> LlavaCausalLMOutputWithPast:

@@ -263,6 +263,30 @@ def test_the_job_relaunches_itself_when_asked(capsys, bodies, monkeypatch, tmp_p
     assert "budget=0.4" in seen["argv"] and f"hydra.run.dir='{tmp_path / 'r'}'" in seen["argv"]
 
 
+@pytest.mark.slow
+def test_launch_accelerate_really_relaunches_with_two_processes(tmp_path, assets):
+    """No mock: `eval launch.accelerate=true launch.num_processes=2` re-runs itself under `accelerate launch`
+    (two CPU processes, gloo; a free port through accelerate's own default is not guaranteed, so one is
+    passed in launch.args), and the results say two processes answered."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("DIFFOPSEARCH_LAUNCHED", None)
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "diffopsearch", "eval", f"model.path={assets.model}", "model.device=cpu",
+                        f"dataset.path={assets.world}", "limit=4", "batch_size=2", "max_new_tokens=2",
+                        "launch.accelerate=true", "launch.num_processes=2",
+                        f"launch.args=[--main_process_port,'{port}']", f"hydra.run.dir={run}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["throughput"]["processes"] == 2 and results["n"] == 4
+
+
 # --------------------------------------------------------------------------- as a subprocess
 
 

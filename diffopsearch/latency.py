@@ -10,18 +10,20 @@ position's logits. The model splits it into
   of lengths from the text alone to the unreduced length, interpolated linearly;
 - ``fixed_ms``: what no plan shortens (vision tower, projector, embeddings, masks, logits): the forward
   without sites minus its decoder layers;
-- ``op_ms[kind]``: each operator kind's own time per visual token entering its site (a linear model in the
-  tokens in: scoring, keys and the reduction all scale with them), the "reduce" stage of a real forward.
+- ``op_call_ms[kind] + op_ms[kind] * n_in``: each operator kind's own time at a site with ``n_in`` visual
+  tokens in (the "reduce" stage of a real forward, measured at n and n/2 tokens in): a per-site constant
+  (calls and kernel launches, which dominate at batch 1) plus a per-token slope.
 
 A plan's predicted time is ``fixed + sum over layers of layer_ms(n_text + visual tokens in that layer)
-+ sum over sites of op_ms[kind] * tokens in``; its ratio divides by the unreduced model's prefill as
-users run it (the plain transformers forward, measured: ``reference_offset_ms`` is its difference from
-the forward without sites). The model is keyed by (device, backbone, dtype, batch size, attention
-implementation, torch version) and stored under the cache dir; a file that is damaged or made for
-another key is rebuilt, with a warning.
++ sum over sites of (op_call_ms[kind] + op_ms[kind] * tokens in)``; its ratio divides by the unreduced
+model's prefill as users run it (the plain transformers forward, measured: ``reference_offset_ms`` is its
+difference from the forward without sites). The model is keyed by (device, backbone, dtype, batch size,
+attention implementation, torch version) and stored under the cache dir; a file that is damaged or made
+for another key is rebuilt, with a warning.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -58,6 +60,7 @@ class LatencyModel:
     n_visual: int
     n_text: float                    # the profiling batch's mean text tokens (the unreduced reference)
     reference_offset_ms: float = 0.0  # the plain transformers forward minus this project's forward, no sites
+    op_call_ms: dict = field(default_factory=dict)  # kind -> ms per site whatever its size (calls, launches)
     seconds: float = 0.0             # how long profiling took
     format: str = FORMAT
     measured: dict = field(default_factory=dict)  # the raw measurements the fits come from
@@ -76,10 +79,9 @@ class LatencyModel:
 
     def op_time(self, site, n_in: int) -> float:
         kind = op_kind(site)
-        per = self.op_ms.get(kind)
-        if per is None:  # a kind not profiled: the closest one that was (merging or not)
-            per = self.op_ms.get("cls/merge" if float(site.merge) > 0 else "norm/prune", 0.0)
-        return per * n_in
+        if kind not in self.op_ms:  # a kind not profiled: the closest one that was (merging or not)
+            kind = "cls/merge" if float(site.merge) > 0 else "norm/prune"
+        return self.op_call_ms.get(kind, 0.0) + self.op_ms.get(kind, 0.0) * n_in
 
     def plan_ms(self, plan, n_text: float) -> float:
         """Predicted prefill ms of ``plan`` (a Plan or None) for prompts of ``n_text`` text tokens."""
@@ -149,7 +151,8 @@ def load_cached(path: Path, key: dict) -> LatencyModel | None:
         d = json.loads(path.read_text())
         lm = LatencyModel(**d)
         ok = (lm.format == FORMAT and lm.key == key and len(lm.lengths) == len(lm.layer_ms) >= 2
-              and all(math.isfinite(x) and x >= 0 for x in lm.layer_ms + [lm.fixed_ms] + list(lm.op_ms.values())))
+              and all(math.isfinite(x) and x >= 0 for x in lm.layer_ms + [lm.fixed_ms] + list(lm.op_ms.values())
+                      + list(lm.op_call_ms.values())))
     except (ValueError, TypeError, KeyError) as e:
         log.warning("the latency model cache %s is damaged (%s): profiling again.", path, e)
         return None
@@ -225,8 +228,8 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
         "dominant": Site(1, half, "cls", "dominant", merge=1.0, sharpness=math.inf),
         "bipartite": Site(1, n_visual - n_visual // 4, "none", "bipartite", merge=1.0, reweight=1.0),
     }
-    bar = _bar(progress, len(keeps) + len(kinds))
-    lengths, layer_frac, op_frac, refs, loop_frac = [], [], {}, [], 1.0
+    bar = _bar(progress, len(keeps) + 1 + 2 * len(kinds))
+    lengths, layer_frac, op_frac, small_frac, refs, loop_frac = [], [], {}, {}, [], 1.0
     try:
         prefill(model, inputs)  # warm-up of the reference
         for k in keeps:
@@ -238,13 +241,25 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
             if not sites:
                 loop_frac = st["total"]
             bar.advance()
+        # each kind at two sizes: all n tokens in, and n/2 after a random prune before layer 0 (whose own
+        # time, measured alone, is subtracted): a per-site constant plus a per-token slope
+        pre = Site(0, half, "random")
+        base = _paired(apply_plan(model, Plan(sites=[pre], backbone=backbone)), model, inputs, sync, OP_REPEATS,
+                       refs)["reduce"]
+        bar.advance()
         for kind, site in kinds.items():
             if site.score == "cls" and not _has_cls(model):
-                bar.advance()
+                bar.advance(2)
                 continue
             st = _paired(apply_plan(model, Plan(sites=[site], backbone=backbone)), model, inputs, sync, OP_REPEATS,
                          refs)
             op_frac[kind] = st["reduce"]
+            bar.advance()
+            if kind != "grid":  # a grid cannot follow a top-k site: one size only
+                smaller = dataclasses.replace(site, keep=max(1, site.keep * half // n_visual))
+                st = _paired(apply_plan(model, Plan(sites=[pre, smaller], backbone=backbone)), model, inputs, sync,
+                             OP_REPEATS, refs)
+                small_frac[kind] = max(0.0, st["reduce"] - base)
             bar.advance()
     finally:
         bar.close()
@@ -252,8 +267,13 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
     layer_ms = [f * ref_ms for f in layer_frac]
     loop_ms = loop_frac * ref_ms
     fixed = max(0.0, loop_ms - L * layer_ms[-1])
+    per, call = {}, {}
+    for kind, f in op_frac.items():  # t(n_in) = call + per * n_in through (n, t_n) and (n/2, t_half)
+        t_n, t_half = f * ref_ms, small_frac.get(kind, f / 2) * ref_ms
+        per[kind] = max(0.0, (t_n - t_half) / (n_visual - half))
+        call[kind] = max(0.0, t_n - per[kind] * n_visual)
     return LatencyModel(key=model_key(model, B, device), lengths=lengths, layer_ms=layer_ms, num_layers=L,
-                        fixed_ms=fixed, op_ms={k: f * ref_ms / n_visual for k, f in op_frac.items()},
+                        fixed_ms=fixed, op_ms=per, op_call_ms=call,
                         n_visual=n_visual, n_text=float(n_text), reference_offset_ms=ref_ms - loop_ms,
                         seconds=round(time.time() - t_start, 2),
                         measured={"full_prefill_ms": ref_ms, "loop_prefill_ms": loop_ms,
@@ -285,9 +305,9 @@ class _bar:
             self.p.start()
             self.task = self.p.add_task("profiling latency", total=total)
 
-    def advance(self):
+    def advance(self, n: int = 1):
         if self.p is not None:
-            self.p.advance(self.task)
+            self.p.advance(self.task, n)
 
     def close(self):
         if self.p is not None:
@@ -309,7 +329,6 @@ def latency_model(model, inputs: dict, n_text: float, root: Path | None = None, 
     lm = profile(model, inputs, n_text, progress)
     atomic_write_json(path, lm.to_dict())
     return lm, path, True
-
 
 
 def for_dataset(model, processor, dataset, batch_size: int, n_text: float, progress: bool = True,
@@ -353,8 +372,10 @@ def print_model(lm: LatencyModel, path: Path, profiled: bool, console=None) -> N
                   "in the reduced forward; "
                   f"{lm.num_layers} layers, {lm.n_text:.1f} text + {lm.n_visual} visual tokens)")
     o = Table(title="operator kinds: own time")
-    for c in ("kind", "ms per visual token in", f"ms at {lm.n_visual} tokens", "% of unreduced prefill"):
+    for c in ("kind", "ms per site", "ms per visual token in", f"ms at {lm.n_visual} tokens", "% of unreduced prefill"):
         o.add_column(c, justify="right" if c != "kind" else "left")
     for kind, per in sorted(lm.op_ms.items()):
-        o.add_row(kind, f"{per:.5f}", f"{per * lm.n_visual:.3f}", f"{100 * per * lm.n_visual / full:.1f}%")
+        call = lm.op_call_ms.get(kind, 0.0)
+        at_n = call + per * lm.n_visual
+        o.add_row(kind, f"{call:.3f}", f"{per:.5f}", f"{at_n:.3f}", f"{100 * at_n / full:.1f}%")
     console.print(o)

@@ -35,7 +35,7 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     dataset = load_from_config(cfg.dataset, limit=cfg.limit)
     model, processor = load_backbone(cfg.model, device=accelerator.device if multi else None)
     n_text = mean_prompt_text_tokens(processor, dataset)
-    latency = latency_for(cfg, model, processor, dataset, n_text) if not cfg.ckpt else None
+    latency = latency_for(cfg, model, processor, dataset, n_text, accelerator) if not cfg.ckpt else None
     plan = resolve_plan(model, n_text, ckpt=cfg.ckpt, name=cfg.plan.name, budget=cfg.budget, layer=cfg.plan.layer,
                         seed=cfg.plan.seed, latency=latency)
     return evaluate(

@@ -53,7 +53,7 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     model, processor = load_backbone(cfg.model, device=accelerator.device if multi else None)
     space = make_space(model.config, s.candidate_layers, s.two_sites)
     n_text = mean_prompt_text_tokens(processor, train)
-    latency = latency_for(cfg, model, processor, train, n_text)
+    latency = latency_for(cfg, model, processor, train, n_text, accelerator)
     name = model_id(cfg.model)
     # every process reads the checkpoint on resume; only the main one writes (the loop sees to it)
     plan, res = search_plan(model, processor, train, space, settings_from(cfg), n_text, out_dir=out,

@@ -97,10 +97,15 @@ def _search(budget: float, bs: int, work: Path):
     from diffopsearch.config import compose
     from diffopsearch.plan import load_plan
 
+    from diffopsearch.errors import UserError
+
     out = work / f"search-b{budget:g}"
     if not (out / "plan.json").exists():
-        search_cmd.run(compose("search", [f"budget={budget}", "cost=latency", f"latency_batch_size={bs}",
-                                          "limit=100"]), out_dir=out)
+        try:
+            search_cmd.run(compose("search", [f"budget={budget}", "cost=latency", f"latency_batch_size={bs}",
+                                              "limit=100"]), out_dir=out)
+        except UserError:  # below the reachable minimum in measured time: a row that says so
+            return None
     return load_plan(str(out / "plan.json"))
 
 

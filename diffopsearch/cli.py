@@ -40,7 +40,7 @@ from .errors import Interrupted, UserError
 log = logging.getLogger("diffopsearch")
 
 COMMANDS = {
-    "search": "search a token-reduction plan under a FLOPs budget (the main job)",
+    "search": "search a token-reduction plan under a FLOPs (or measured-time) budget (the main job)",
     "eval": "evaluate the unreduced model, a baseline (plan=NAME) or a searched plan (ckpt=PATH)",
     "report": "collect the results.json files below dir=DIR into report.md and pareto.png",
     "prepare": "build or find the embedded toy backbone and toy world, and print where they are",

@@ -145,10 +145,11 @@ def generate_answers(reduced, processor, inputs: dict, max_new_tokens: int) -> l
     return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
 
 
-def measure_latency(reduced, dataset, processor, indices: list[int], batch_size: int, device, dtype,
-                    n_batches: int = LATENCY_BATCHES) -> list[tuple[float, int]]:
-    """(prefill ms, batch size) for up to ``n_batches`` batches of ``indices``, after one untimed
-    warm-up batch (the first one, timed again afterwards)."""
+def measure_latency(forwards: list, dataset, processor, indices: list[int], batch_size: int, device, dtype,
+                    n_batches: int = LATENCY_BATCHES) -> list[list[tuple[float, int]]]:
+    """For each of ``forwards``: (prefill ms, batch size) for up to ``n_batches`` batches of ``indices``,
+    after one untimed warm-up batch (the first one, timed again afterwards). The batches are built once
+    and shared, so the forwards are timed on the same inputs."""
     from .data.datasets import make_eval_batch
 
     batches = []
@@ -158,17 +159,19 @@ def measure_latency(reduced, dataset, processor, indices: list[int], batch_size:
             batches.append(to_device(make_eval_batch(processor, recs, imgs), device, dtype))
         if len(batches) >= n_batches:
             break
-    if not batches:
-        return []
-    prefill(reduced, batches[0])  # warm-up: kernels, allocator, lazy init
-    times = []
-    for inputs in batches:
-        sync(device)
-        t0 = time.perf_counter()
-        prefill(reduced, inputs)
-        sync(device)
-        times.append(((time.perf_counter() - t0) * 1000.0, int(inputs["input_ids"].shape[0])))
-    return times
+    out = []
+    for fwd in forwards:
+        times = []
+        if batches:
+            prefill(fwd, batches[0])  # warm-up: kernels, allocator, lazy init
+        for inputs in batches:
+            sync(device)
+            t0 = time.perf_counter()
+            prefill(fwd, inputs)
+            sync(device)
+            times.append(((time.perf_counter() - t0) * 1000.0, int(inputs["input_ids"].shape[0])))
+        out.append(times)
+    return out
 
 
 # ---------------------------------------------------------------- scoring and cost
@@ -383,11 +386,12 @@ def evaluate(model, processor, plan, dataset, *, batch_size: int = 16, max_new_t
 
     # -- latency: prefill only, warm, on this process's share of the questions
     share = list(range(len(dataset)))[procs.rank::procs.world]
-    lat = measure_latency(reduced, dataset, processor, share, batch_size, device, dtype,
-                          latency_batches) if latency_batches > 0 else []
-    # the unreduced model on the same batches: the measured latency ratio beside the plan's predicted one
-    ref = measure_latency(model, dataset, processor, share, batch_size, device, dtype,
-                          latency_batches) if latency_batches > 0 and plan is not None and plan.sites else []
+    # with a plan, the unreduced model on the same batches too: the measured latency ratio beside the
+    # plan's predicted one
+    timed = [reduced, model] if plan is not None and plan.sites else [reduced]
+    measured = (measure_latency(timed, dataset, processor, share, batch_size, device, dtype, latency_batches)
+                if latency_batches > 0 else [])
+    lat, ref = (measured + [[], []])[:2]  # the plan's times, the unreduced model's (none without a plan)
 
     # -- generation (every batch's answers are appended to the cache as they come: a kill loses none)
     answers, errors, n_new, t_gen = _generate_pending(

@@ -93,46 +93,38 @@ def _kill_when(args: list, cwd: Path, ready, timeout: float = 300, launcher=None
     assert proc.returncode == -signal.SIGKILL
 
 
-@pytest.mark.slow
-def test_a_search_killed_after_its_first_checkpoint_resumes_to_the_same_plan(tmp_path, assets):
+def _killed_and_resumed_equals_straight(tmp_path, assets, steps: int, launcher=None) -> None:
+    """A search run straight through, and the same search SIGKILLed after its first checkpoint and resumed
+    (every run under ``launcher``): the same plan and step log."""
     args = [a for a in SEARCH_ARGS if not a.startswith("search.steps=")] + [
-        "search.steps=8", f"model.path={assets.model}", f"dataset.path={assets.world}"]
-    _diffopsearch(["search", *args, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path)
+        f"search.steps={steps}", f"model.path={assets.model}", f"dataset.path={assets.world}"]
+    launch = (lambda: _two_processes()) if launcher == "two" else (lambda: None)  # a fresh port per launch
+    _diffopsearch(["search", *args, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path, launcher=launch())
     killed = tmp_path / "killed"
     ckpt = killed / ck.CKPT_DIR / ck.CKPT_META
-    _kill_when(["search", *args, f"hydra.run.dir={killed}"], tmp_path, ckpt.exists)
+    _kill_when(["search", *args, f"hydra.run.dir={killed}"], tmp_path, ckpt.exists, launcher=launch())
     assert not (killed / "plan.json").exists()
     step = json.loads(ckpt.read_text())["step"]
-    assert step < 8  # killed mid-search
-    _diffopsearch(["search", *args, f"hydra.run.dir={killed}", "resume=true"], tmp_path)
+    assert step < steps  # killed mid-search
+    _diffopsearch(["search", *args, f"hydra.run.dir={killed}", "resume=true"], tmp_path, launcher=launch())
     straight, resumed = tmp_path / "straight" / "plan.json", killed / "plan.json"
     assert plan_without_run(resumed) == plan_without_run(straight)
     assert json.loads(resumed.read_text())["run"]["resumed_from"] == step
     strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "step_s"}  # noqa: E731
                        for x in p.read_text().splitlines()]
     assert strip(killed / loop.LOG_NAME) == strip(tmp_path / "straight" / loop.LOG_NAME)
+
+
+@pytest.mark.slow
+def test_a_search_killed_after_its_first_checkpoint_resumes_to_the_same_plan(tmp_path, assets):
+    _killed_and_resumed_equals_straight(tmp_path, assets, steps=8)
 
 
 @pytest.mark.slow
 def test_a_two_process_search_killed_after_a_checkpoint_resumes_to_the_same_plan(tmp_path, assets):
     """Data parallel (2 processes, gloo): every process killed after the first checkpoint, the run resumed
     with 2 processes ends at the plan and the step log of a 2-process run never interrupted."""
-    args = [a for a in SEARCH_ARGS if not a.startswith("search.steps=")] + [
-        "search.steps=6", f"model.path={assets.model}", f"dataset.path={assets.world}"]
-    _diffopsearch(["search", *args, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path, launcher=_two_processes())
-    killed = tmp_path / "killed"
-    ckpt = killed / ck.CKPT_DIR / ck.CKPT_META
-    _kill_when(["search", *args, f"hydra.run.dir={killed}"], tmp_path, ckpt.exists, launcher=_two_processes())
-    assert not (killed / "plan.json").exists()
-    step = json.loads(ckpt.read_text())["step"]
-    assert step < 6
-    _diffopsearch(["search", *args, f"hydra.run.dir={killed}", "resume=true"], tmp_path, launcher=_two_processes())
-    straight, resumed = tmp_path / "straight" / "plan.json", killed / "plan.json"
-    assert plan_without_run(resumed) == plan_without_run(straight)
-    assert json.loads(resumed.read_text())["run"]["resumed_from"] == step
-    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "step_s"}  # noqa: E731
-                       for x in p.read_text().splitlines()]
-    assert strip(killed / loop.LOG_NAME) == strip(tmp_path / "straight" / loop.LOG_NAME)
+    _killed_and_resumed_equals_straight(tmp_path, assets, steps=6, launcher="two")
 
 
 def _cached(cwd: Path) -> dict:

@@ -325,16 +325,6 @@ def complete(cfg, app: str):
     return OmegaConf.merge(OmegaConf.structured(schema), cfg)
 
 
-def cfg_get(cfg, key: str, default=None):
-    """``cfg.key`` for a DictConfig, a dataclass or a plain object; ``default`` when missing or None
-    (the command bodies also accept hand-made configs in tests and scripts)."""
-    try:
-        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    except Exception:
-        return default
-    return default if value is None else value
-
-
 def run_dir(out_dir=None) -> Path:
     """Where the current job writes: ``out_dir`` when the caller names one, else Hydra's output dir
     inside an app, else the cwd. (A Hydra config composed outside an app has no output dir.)"""

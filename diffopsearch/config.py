@@ -86,6 +86,8 @@ class SearchConfig:
     loss: str = "kl"  # kl: to the unreduced model's answer distribution | ce: answer cross-entropy
     learn_knobs: bool = True  # false: the named regimes' exact knobs throughout
     two_sites: bool = True  # plans of one or two sites (false: one)
+    decide_after: float = 0.4  # "a second site follows" learns after this fraction of the steps, once the
+    # second site it would add has been learned (search/loop.py, policy_objective)
     candidate_layers: Optional[List[int]] = None  # null = every decoder layer
     micro_batch: int = 0  # questions per forward inside a step (0 = the whole batch); memory, not results
     checkpoint_layers: Optional[bool] = None  # activation checkpointing; null = where it pays (loop.auto_checkpoint)
@@ -284,6 +286,9 @@ def validate(cfg: DictConfig) -> None:
         for key in ("entropy", "grad_clip"):
             if not (math.isfinite(s[key]) and s[key] >= 0):
                 raise UserError(f"search.{key}={s[key]!r} is not valid: it must be a finite number >= 0.")
+        if not (math.isfinite(s.decide_after) and 0 <= s.decide_after <= 1):
+            raise UserError(f"search.decide_after={s.decide_after!r} is not valid: a fraction of the steps, "
+                            "from 0 (the second-site decision learns from the first step) to 1 (never).")
     if "report" in cfg:
         from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 

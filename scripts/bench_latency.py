@@ -42,7 +42,8 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv if argv is not None else sys.argv[1:])
+    argv = argv if argv is not None else sys.argv[1:]
+    a = parse_args(argv)
     import torch
 
     import bench  # scripts/bench.py: the latency protocol and the machine description
@@ -99,7 +100,9 @@ def _search(budget: float, bs: int, work: Path):
 
     from diffopsearch.errors import UserError
 
-    out = work / f"search-b{budget:g}"
+    from diffopsearch.fingerprint import code_fingerprint
+
+    out = work / f"search-{code_fingerprint()[:12]}-b{budget:g}"  # a search made by other code is not reused
     if not (out / "plan.json").exists():
         try:
             search_cmd.run(compose("search", [f"budget={budget}", "cost=latency", f"latency_batch_size={bs}",

@@ -47,13 +47,20 @@ def parse_args(argv):
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--figure", default=str(ROOT / "docs" / "search_curve.png"))
     p.add_argument("--search", action="append", default=[], metavar="KEY=VALUE", help="search.* overrides")
+    p.add_argument("--note", default="", help="a sentence on how the run was made (e.g. pieces measured side by "
+                                               "side), printed under the header")
     return p.parse_args(argv)
+
+
+CACHE = {"hits": 0, "runs": 0}  # pieces read from --work / measured by this run
 
 
 def cached(work: Path, key: str, fn):
     path = work / f"{key}.json"
     if path.exists():
+        CACHE["hits"] += 1
         return json.loads(path.read_text())
+    CACHE["runs"] += 1
     out = fn()
     from diffopsearch.io import atomic_write_json
 
@@ -76,7 +83,8 @@ def question_forwards(table: list[dict], screen: int, heldout: int) -> int:
 # The benchmark's procedure in the order it runs, (budget, seed) by (budget, seed); every measured piece is
 # cached under --work, so a rerun resumes.
 def main(argv=None) -> int:
-    a = parse_args(argv if argv is not None else sys.argv[1:])
+    argv = argv if argv is not None else sys.argv[1:]
+    a = parse_args(argv)
     import torch
 
     from diffopsearch.backbone.load import load_backbone
@@ -251,10 +259,13 @@ def _stat(xs):
 
 
 def _document(a, argv, budgets, seeds, rows, base, none, check, n_test, total_s, settings) -> str:
-    cmd = "OMP_NUM_THREADS=2 python scripts/bench_search.py " + " ".join(shlex.quote(x) for x in (argv or []))
+    shown = [x for i, x in enumerate(argv or []) if x != "--note" and (i == 0 or (argv or [])[i - 1] != "--note")]
+    cmd = "OMP_NUM_THREADS=2 python scripts/bench_search.py " + " ".join(shlex.quote(x) for x in shown)
     se = 100 * math.sqrt(none["accuracy"] * (1 - none["accuracy"]) / n_test)
     out = [BEGIN, "", "## Does the gradient phase find the plan?", "",
-           f"Made by `{cmd.strip()}` in {total_s / 60:.0f} min on this machine (2 CPU cores). The toy backbone, "
+           f"Made by `{cmd.strip()}` on this machine (2 CPU cores): this run took {total_s / 60:.0f} min, measured "
+           f"{CACHE['runs']} pieces and read {CACHE['hits']} from `--work` (measured there by earlier runs of the same "
+           f"procedure). {a.note + ' ' if a.note else ''}The toy backbone, "
            f"the whole test split ({n_test} questions), budgets {', '.join(f'{b:g}' for b in budgets)}, search seeds "
            f"{', '.join(map(str, seeds))}; mean ± spread (population std) over seeds. Search defaults: "
            f"{settings.steps} steps of {settings.plans_per_step} plans on {settings.batch_size} questions, "

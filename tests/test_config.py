@@ -217,6 +217,7 @@ def test_validate_refuses_budget_from_an_override():
     ("limit=0", "limit=0"),
     ("batch_size=0", "batch_size=0"),
     ("search.lr=0", "search.lr=0"),
+    ("search.decide_after=1.5", "search.decide_after=1.5"),
 ])
 def test_validate_names_the_bad_value(override, needle):
     extra = ["dataset=gqa"] if override.startswith("dataset.path") else []

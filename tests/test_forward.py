@@ -6,6 +6,7 @@ differ.
 """
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -97,12 +98,18 @@ def test_cls_score_is_clip_cls_attention_at_the_feature_layer(monkeypatch):
     torch.testing.assert_close(seen[0]["scores"], ref, atol=1e-6, rtol=1e-5)
 
 
-def test_sites_reduce_per_sample_and_batch_equals_single(monkeypatch):
+@pytest.mark.parametrize("sites", [
+    [site(1, 18, "attn"), site(3, 6, "attn")],
+    [site(1, 18, "norm", merge=1.0, sharpness=math.inf, reweight=1.0),
+     site(2, 12, "none", anchors="bipartite", merge=1.0, reweight=1.0), site(3, 6, "attn")],
+])
+def test_sites_reduce_per_sample_and_batch_equals_single(sites):
     """Left padding shifts each sample's image; every sample keeps its own tokens, and a padded batch
-    gives what each sample gives alone."""
+    gives what each sample gives alone. (The batch splices by per-row gathers, a sample alone by slices:
+    the two paths of the reduced forward agree.)"""
     m = tiny()
     inputs, pos = batch(m)
-    r = reduced(m, [site(1, 18, "attn"), site(3, 6, "attn")])
+    r = reduced(m, sites)
     with torch.no_grad():
         full = r(**inputs, position_ids=pos).logits[:, -1]
         kept = r.last_kept_positions

@@ -87,6 +87,17 @@ def test_prune_is_topk_in_position_order():
     assert torch.all(out.bias == 0)
 
 
+@pytest.mark.parametrize("anchors,keep,merge", [("topk", 10, 0.0), ("topk", 10, 1.0), ("grid", 9, 1.0),
+                                                 ("bipartite", 20, 1.0), ("iqr", 10, 1.0), ("dominant", 10, 1.0)])
+def test_every_anchor_rule_returns_its_tokens_in_position_order(anchors, keep, merge):
+    """The reduced forward splices a site's output back without sorting it again: every rule must return
+    increasing positions, and index / coords / sizes in the same order."""
+    x, keys, s, pos, coords = grid_inputs(seed=5)
+    out = hard_reduce(x, keys, s, pos, coords, None, site(keep, anchors, merge=merge, sharpness=INF))
+    assert out.pos.shape == (2, keep) and torch.all(out.pos[:, 1:] > out.pos[:, :-1])
+    assert torch.equal(out.pos, pos.gather(1, out.index))
+
+
 def test_merge_regime_matches_a_nearest_anchor_average_reference():
     x, keys, s, pos, coords = grid_inputs(seed=4)
     k = 9
@@ -234,3 +245,22 @@ def test_hard_reduce_is_differentiable_in_tensor_knobs_and_exact_at_their_values
     torch.testing.assert_close(pruned.x, hard_reduce(x, keys, s, pos, coords, None, site(12)).x)
     pruned.x.square().sum().backward()
     assert torch.isfinite(mu.grad) and mu.grad.abs() > 0
+
+
+def test_row_gathers_and_adds_equal_gather_and_scatter_add_and_carry_gradients():
+    """operators/rows.py replaces gather / scatter_add with an expanded index (10x slower on CPU): same values,
+    and gradients flow to the input and the added rows."""
+    from diffopsearch.operators.rows import add_rows, take_rows
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 9, 4, 2, generator=g, requires_grad=True)
+    idx = torch.randint(0, 9, (3, 5), generator=g)
+    ref = x.gather(1, idx[..., None, None].expand(-1, -1, 4, 2))
+    assert torch.equal(take_rows(x, idx), ref)
+    assert torch.equal(take_rows(x[..., 0, 0], idx), x[..., 0, 0].gather(1, idx))
+    src = torch.randn(3, 5, 4, 2, generator=g, requires_grad=True)
+    want = x.scatter_add(1, idx[..., None, None].expand(-1, -1, 4, 2), src)
+    got = add_rows(x, idx, src)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    got.square().sum().backward()
+    assert x.grad is not None and src.grad is not None and bool(src.grad.abs().sum() > 0)

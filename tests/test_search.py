@@ -17,8 +17,8 @@ import fixtures as fx  # tests/fixtures.py
 from diffopsearch.errors import UserError
 from diffopsearch.search import search_plan
 from diffopsearch.search.checkpoint import CKPT_DIR
-from diffopsearch.search.loop import (LOG_NAME, SearchSettings, leave_one_out, plan_losses, policy_objective,
-                                      reference_logprobs)
+from diffopsearch.search.loop import (LOG_NAME, SearchSettings, leave_one_out, plan_losses, plan_reward,
+                                      policy_objective, question_reward, reference_logprobs)
 from diffopsearch.search.policy import ArchState, Knobs, Policy
 from diffopsearch.search.space import OPS, Choice, Planner, SearchSpace, corner_choices, make_space
 
@@ -122,6 +122,15 @@ def test_policy_probabilities_sum_to_one_and_the_mode_is_the_most_probable(tiny4
     assert draws[0] == draws[1] == draws[2]  # a function of the generator's seed
 
 
+def test_the_paired_reward_counts_a_question_as_a_question():
+    """Per question, a plan that gets one of eight questions badly wrong and the rest exactly right beats one
+    that is a little off on all eight; by the batch mean (the first site's reward) it is the other way."""
+    one_bad = torch.tensor([0.0] * 7 + [2.0], dtype=torch.float64)
+    all_off = torch.full((8,), 0.1, dtype=torch.float64)
+    assert float(question_reward(one_bad).mean()) > float(question_reward(all_off).mean())
+    assert float(plan_reward(one_bad.mean()[None])) < float(plan_reward(all_off.mean()[None]))
+
+
 def test_leave_one_out_advantages():
     adv = leave_one_out(torch.tensor([1.0, 2.0, 3.0]))
     assert adv.tolist() == pytest.approx([-1.5, 0.0, 1.5])
@@ -150,24 +159,50 @@ def test_keeping_more_tokens_lowers_the_loss_and_the_signal_says_keep_more(tiny4
     state = ArchState(space, torch.ones(len(space.layers), len(OPS), dtype=torch.bool))
     opt = torch.optim.Adam(state.policy.parameters(), lr=0.1)
     before = state.policy.factors()["ratio"].exp().detach()[_op("prune/norm")]
-    r = [-math.log(x + 1e-4) for x in loss]
-    policy_objective(state.policy, [(alone, more), (alone, less)], [r[0], r[0]], [r[1], r[2]], 0.0).backward()
+    r = {c: -math.log(x + 1e-3) for c, x in zip((alone, more, less), loss)}
+    policy_objective(state.policy, [(alone, more), (alone, less)], r, r, 0.0).backward()
     opt.step()
     after = state.policy.factors()["ratio"].exp().detach()[_op("prune/norm")]
     assert after[r_more] > before[r_more] and after[r_less] < before[r_less]
 
 
 def test_a_second_site_that_helps_raises_its_probability_and_one_that_hurts_lowers_it():
-    """The "second site follows" decision gets the exact paired gradient q (1 - q) (r_two - r_one)."""
+    """The "second site follows" decision moves by the paired difference of the decoded first site alone and
+    with its greedy second site (``decided``), and by nothing else: drawn pairs leave it alone."""
     space = SearchSpace(layers=(0, 1, 2), n_visual=16, grid=(4, 4), num_layers=3)
+    one = Choice(0, _op("merge/cls"))
+    two = Choice(0, _op("merge/cls"), (1, _op("prune/attn"), 0))
     for gain, sign in ((+0.5, 1), (-0.5, -1)):
         state = ArchState(space, torch.ones(3, len(OPS), dtype=torch.bool))
-        one = Choice(0, _op("merge/cls"))
-        two = Choice(0, _op("merge/cls"), (1, _op("prune/attn"), 0))
-        policy_objective(state.policy, [(one, two)], [1.0], [1.0 + gain], 0.0).backward()
+        r = {one: 1.0, two: 1.0 + gain}
+        policy_objective(state.policy, [(one, two)], r, r, 0.0, (one, two)).backward()
         g = float(state.policy.two.grad[0])
         assert sign * g < 0  # minimising: a helpful second site gets a negative gradient, i.e. a rising logit
-        assert g == pytest.approx(-0.25 * gain / (abs(gain) / math.sqrt(2) + 1e-6), rel=1e-3)
+        assert g == pytest.approx(-gain / (abs(gain) / math.sqrt(2) + 1e-6), rel=1e-3)
+        assert float(state.policy.two.grad[1:].abs().sum()) == 0.0
+    state = ArchState(space, torch.ones(3, len(OPS), dtype=torch.bool))
+    r = {one: 1.0, two: 1.5}
+    policy_objective(state.policy, [(one, two)], r, r, 0.0).backward()  # before the decision learns
+    assert state.policy.two.grad is None or float(state.policy.two.grad.abs().sum()) == 0.0
+
+
+def test_decode_pair_is_the_decoded_first_site_with_its_greedy_second_site():
+    space = SearchSpace(layers=(0, 1, 2), n_visual=16, grid=(4, 4), num_layers=3)
+    state = ArchState(space, torch.ones(3, len(OPS), dtype=torch.bool))
+    p = state.policy
+    with torch.no_grad():
+        p.layer1[1] = 3.0
+        p.op1[1, _op("merge/cls")] = 3.0
+        p.layer2[2] = 3.0
+        p.op2[2, _op("prune/attn")] = 3.0
+        p.ratio[_op("prune/attn"), 1] = 3.0
+        p.two[1] = -2.0
+    one, two = p.decode_pair()
+    assert one == Choice(1, _op("merge/cls")) and two == Choice(1, _op("merge/cls"), (2, _op("prune/attn"), 1))
+    assert p.decode() == one  # "a second site follows" is below even odds: the plan is the first site alone
+    with torch.no_grad():
+        p.two[1] = 2.0
+    assert p.decode() == two
 
 
 # ---------------------------------------------------------------- the loop
@@ -184,7 +219,7 @@ def test_search_gives_a_plan_under_budget_deterministic_for_a_seed(tmp_path, tin
         assert res.forwards == 3 * (4 + 2)  # 4 plans per step, then the 2 best again for the knobs
         log = [json.loads(x) for x in (tmp_path / d / LOG_NAME).read_text().splitlines()]
         assert [r["step"] for r in log] == [0, 1, 2] and all(len(r["plans"]) == 4 for r in log)
-        assert all(r["mode_cost"] <= 0.5 for r in log)
+        assert all(r["mode_cost"] <= 0.5 and 0.0 <= r["p_second_site"] <= 1.0 for r in log)
     (a, ra), (b, rb) = runs
     assert a.to_dict()["sites"] == b.to_dict()["sites"] and a.search["knobs"] == b.search["knobs"]
     assert [r["losses"] for r in ra.history] == [r["losses"] for r in rb.history]

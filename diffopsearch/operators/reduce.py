@@ -48,6 +48,7 @@ from typing import NamedTuple
 import torch
 
 from . import ANCHORS, NEEDS_SCORE, contextual_count, grid_shape, tome
+from .rows import take_rows
 
 
 class Reduced(NamedTuple):
@@ -203,7 +204,7 @@ def dominant_anchors(scores, pos, coords, k) -> Anchors:
 
 
 def _gather_coords(coords, idx):
-    return coords.gather(1, idx[..., None].expand(-1, -1, coords.shape[-1]))
+    return take_rows(coords, idx)
 
 
 def select_anchors(anchors: str, scores, pos, coords, k) -> Anchors:
@@ -275,7 +276,7 @@ class SearchSite:
 def hard_reduce(x, keys, scores, pos, coords, sizes, site) -> Reduced:
     """Apply one site for real: returns exactly ``site.keep`` tokens per sample, in original
     position order. ``site`` needs .keep .anchors .merge .sharpness .locality .reweight."""
-    B, n, d = x.shape
+    B, n = x.shape[:2]
     k = int(site.keep)
     if sizes is None:
         sizes = torch.ones(B, n, device=x.device, dtype=torch.float32)
@@ -295,16 +296,16 @@ def hard_reduce(x, keys, scores, pos, coords, sizes, site) -> Reduced:
         return Reduced(y.to(x.dtype), p, c, s, idx, key_bias(s, site.reweight))
     anc = select_anchors(site.anchors, scores, pos, coords, k)
     idx = anc.index
-    xa = x.gather(1, idx[..., None].expand(-1, -1, d))
+    xa = take_rows(x, idx)
     sa = sizes.gather(1, idx).float()
     mu = site.merge
     if _merges(mu) and bool(anc.receive.any()):
         is_anchor = torch.zeros(B, n, dtype=torch.bool, device=x.device).scatter(1, idx, True)
         drop = torch.argsort(is_anchor.to(torch.int8), dim=1, stable=True)[:, : n - k]
-        xd = x.gather(1, drop[..., None].expand(-1, -1, d)).float()
+        xd = take_rows(x, drop).float()
         sd = sizes.gather(1, drop).float()
-        kd = None if keys is None else keys.gather(1, drop[..., None].expand(-1, -1, keys.shape[-1]))
-        ka = None if keys is None else keys.gather(1, idx[..., None].expand(-1, -1, keys.shape[-1]))
+        kd = None if keys is None else take_rows(keys, drop)
+        ka = None if keys is None else take_rows(keys, idx)
         P = assignment(kd, ka, _gather_coords(coords, drop), anc.coords, site.sharpness, site.locality,
                        allowed=anc.receive)  # (B, n-k, k)
         Pw = P * sd[..., None]

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from . import max_bipartite_merge
+from .rows import add_rows, take_rows
 
 
 class Matching(NamedTuple):
@@ -60,7 +61,7 @@ def bipartite_merge(x: torch.Tensor, keys: torch.Tensor, sizes: torch.Tensor, po
     long, coords (B, n, 2). Returns (x, sizes, pos, coords, index) with n - r tokens in position
     order; ``index`` (B, n - r) is each output's representative input token (the B partner for a
     merged token)."""
-    bsz, n, d = x.shape
+    bsz, n = x.shape[:2]
     r = min(int(r), max_merge(n))
     idx = torch.arange(n, device=x.device).expand(bsz, n)
     if r <= 0:
@@ -71,18 +72,18 @@ def bipartite_merge(x: torch.Tensor, keys: torch.Tensor, sizes: torch.Tensor, po
     sa, sb = sizes[:, ::2], sizes[:, 1::2]
     # merge_wavg: sum(size * x) / sum(size), with the merged-in mass scaled by mu.
     w_src = merge * sa.gather(1, m.src_idx)
-    x_src = xa.gather(1, m.src_idx[..., None].expand(-1, -1, d))
-    num = (xb * sb[..., None]).scatter_add(1, m.dst_idx[..., None].expand(-1, -1, d), x_src * w_src[..., None])
+    x_src = take_rows(xa, m.src_idx)
+    num = add_rows(xb * sb[..., None], m.dst_idx, x_src * w_src[..., None])
     den = sb.scatter_add(1, m.dst_idx, w_src)
     xb_new = num / den[..., None]
     # Survivors: unmerged A tokens and every B token, then back into position order.
     a_idx, b_idx = idx[:, ::2], idx[:, 1::2]
     keep_idx = torch.cat([a_idx.gather(1, m.unm_idx), b_idx], dim=1)
-    new_x = torch.cat([xa.gather(1, m.unm_idx[..., None].expand(-1, -1, d)), xb_new], dim=1)
+    new_x = torch.cat([take_rows(xa, m.unm_idx), xb_new], dim=1)
     new_s = torch.cat([sa.gather(1, m.unm_idx), den], dim=1)
     order = pos.gather(1, keep_idx).argsort(dim=1)
     keep_idx = keep_idx.gather(1, order)
-    new_x = new_x.gather(1, order[..., None].expand(-1, -1, d))
+    new_x = take_rows(new_x, order)
     new_s = new_s.gather(1, order)
     return (new_x, new_s, pos.gather(1, keep_idx),
-            coords.gather(1, keep_idx[..., None].expand(-1, -1, coords.shape[-1])), keep_idx)
+            take_rows(coords, keep_idx), keep_idx)

@@ -149,13 +149,23 @@ class Policy(nn.Module):
         architecture off the learned distributions. Unlike :meth:`mode` it does not penalise a second site
         for being described by more factors than no second site."""
         f = self.factors()
+        one, two = self.decode_pair(f)
+        if two is None or float(f["two"][one.layer]) <= float(f["one"][one.layer]):
+            return one
+        return two
+
+    @torch.no_grad()
+    def decode_pair(self, f: dict | None = None) -> tuple[Choice, Choice | None]:
+        """The decoded first site alone, and with its greedy second site (None where none can follow), whatever
+        "a second site follows" says: the pair whose paired difference decides that decision (:mod:`.loop`)."""
+        f = f or self.factors()
         l1 = int(f["layer1"].argmax())
         o1 = int(f["op1"][l1].argmax())
-        if float(f["two"][l1]) <= float(f["one"][l1]):
-            return Choice(l1, o1)
+        if float(f["two"][l1]) < NEG / 2:
+            return Choice(l1, o1), None
         l2 = int(f["layer2"][l1].argmax())
         o2 = int(f["op2"][l2].argmax())
-        return Choice(l1, o1, (l2, o2, int(f["ratio"][o2].argmax())))
+        return Choice(l1, o1), Choice(l1, o1, (l2, o2, int(f["ratio"][o2].argmax())))
 
     def entropy(self) -> Tensor:
         """A cheap proxy of the policy's entropy (the bonus that keeps exploration alive): the first layer's,

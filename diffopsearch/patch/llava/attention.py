@@ -10,6 +10,8 @@ import inspect
 import torch
 from torch import Tensor
 
+from ...operators.rows import take_rows
+
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
@@ -25,17 +27,8 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x (B, T, ...) gathered along dim 1 with index (B, k)."""
-    if x.dim() == 2:
-        return x.gather(1, index)
-    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
-
-
-def _scatter_tokens(x: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """Out-of-place (differentiable) x[b, index[b, i]] = src[b, i]."""
-    if x.dim() == 2:
-        return x.scatter(1, index, src)
-    return x.scatter(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*src.shape), src)
+    """x (B, T, ...) gathered along dim 1 with index (B, k) (a flat index_select: operators/rows.py)."""
+    return take_rows(x, index)
 
 
 def build_mask(kpm: Tensor, bias: Tensor | None, q_len: int, impl: str, dtype: torch.dtype):

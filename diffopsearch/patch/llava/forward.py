@@ -82,9 +82,16 @@ class _Visual:
     sizes: Tensor
     cls: Tensor | None
     rho: float | Tensor = 0.0      # the reweight in effect (reweight_after): key bias = rho * log(sizes)
+    common: int | None = None      # the start shared by every row (batch 1, equal prompt lengths), else None
 
     def index(self) -> Tensor:
         return self.start[:, None] + torch.arange(self.n, device=self.start.device)
+
+    def take(self, x: Tensor) -> Tensor:
+        """The segment's rows of x (B, T, ...): a slice when every row starts at the same offset (no gather)."""
+        if self.common is not None:
+            return x[:, self.common:self.common + self.n]
+        return gather_tokens(x, self.index())
 
 
 @dataclass
@@ -222,7 +229,7 @@ def run(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, posit
         cap.close()
     if cache is not None:
         cache.seen_tokens = T
-    kept = gather_tokens(seq.pos, vis.index()) if vis is not None else None
+    kept = vis.take(seq.pos) if vis is not None else None
     return _Result(hidden=lm.norm(seq.h), cache=cache, image_features=image_features, orig=seq.orig,
                    kept_positions=kept)
 
@@ -259,7 +266,8 @@ def _visual_state(model, special: Tensor, n_expected: int | None, vfss: str, cls
     B, device = special.shape[0], special.device
     i = torch.arange(n, device=device)
     coords = torch.stack([i // g, i % g], -1).float()[None].expand(B, n, 2)
-    return _Visual(start=start, n=n, coords=coords, sizes=torch.ones(B, n, device=device), cls=cls)
+    common = int(start[0]) if bool((start == start[0]).all()) else None
+    return _Visual(start=start, n=n, coords=coords, sizes=torch.ones(B, n, device=device), cls=cls, common=common)
 
 
 def _encode(model, pixel_values, vfl, vfss, image_sizes, need_cls: bool):
@@ -302,12 +310,11 @@ def _cls_layer(model, vfl):
 def _scores(kind: str, l: int, seq: _Seq, vis: _Visual, cap: Capture, prev, layers, sample, query_index=None):
     """(B, n) float32 importance of the current visual tokens for one hard site. ``sample`` = (input_ids,
     attention mask, seed) of the original input, which seeds ``random`` per sample."""
-    vidx = vis.index()
     if kind == "attn":
         if l == 0:
             raise UserError("score 'attn' needs a decoder layer before the site: a site at layer 0 cannot use it")
         kpm, bias, cos, sin = prev
-        return fastv_scores(layers[l - 1].self_attn, cap.q[l - 1], cap.k[l - 1], cos, sin, kpm, bias, vidx,
+        return fastv_scores(layers[l - 1].self_attn, cap.q[l - 1], cap.k[l - 1], cos, sin, kpm, bias, vis.index(),
                              _query_after(query_index, seq))
     if kind == "cls":
         if vis.cls is None:
@@ -315,7 +322,7 @@ def _scores(kind: str, l: int, seq: _Seq, vis: _Visual, cap: Capture, prev, laye
                             "mm_encoder_outputs) and a vision_feature_layer after the first CLIP layer")
         return vis.cls
     if kind == "norm":
-        return norm_scores(gather_tokens(seq.h, vidx))
+        return norm_scores(vis.take(seq.h))
     if kind == "random":
         input_ids, kpm, seed = sample
         return _random_scores(input_ids, kpm, seed, l, vis.n, seq.h.device)
@@ -333,12 +340,11 @@ def _query_after(query_index: Tensor | None, seq: _Seq) -> Tensor | None:
 
 def _keys(l: int, seq: _Seq, vis: _Visual, cap: Capture, layers) -> Tensor:
     """Similarity keys (B, n, dk) of the current visual tokens."""
-    vidx = vis.index()
     if l == 0:
-        return gather_tokens(seq.h, vidx)
+        return vis.take(seq.h)
     k = cap.k[l - 1]
     hd = layers[l - 1].self_attn.head_dim
-    k = gather_tokens(k, vidx)
+    k = vis.take(k)
     return k.view(*k.shape[:2], -1, hd).mean(2)
 
 
@@ -349,20 +355,27 @@ def _splice(full: Tensor, new: Tensor, src: Tensor) -> Tensor:
 def _apply_hard(seq: _Seq, vis: _Visual, site, scores, keys) -> tuple[_Seq, _Visual]:
     """Reduce the visual segment to ``site.keep`` tokens and splice them back at the same offset."""
     B, T, d = seq.h.shape
-    n, vidx = vis.n, vis.index()
-    x = gather_tokens(seq.h, vidx)
-    pos = seq.pos.gather(1, vidx)
+    n = vis.n
+    x = vis.take(seq.h)
+    pos = vis.take(seq.pos)
+    # hard_reduce returns the survivors in original position order: the segment's causal order stays the
+    # original one without sorting again
     red = hard_reduce(x, keys, scores, pos, vis.coords, vis.sizes, site)
     k = red.x.shape[1]
-    # causal order inside the segment = original order: sort survivors by their position ids
-    order = red.pos.argsort(dim=1)
-    ridx = red.index.gather(1, order)
-    x_new = gather_tokens(red.x, order).to(seq.h.dtype)
-    sizes = red.sizes.gather(1, order).float()
+    ridx, x_new, sizes = red.index, red.x.to(seq.h.dtype), red.sizes.float()
 
-    j = torch.arange(T - n + k, device=seq.h.device)[None]
-    s = vis.start[:, None]
-    src = torch.where(j < s, j, torch.where(j < s + k, T + j - s, j - k + n))
+    if vis.common is not None:  # every row's segment at the same offset: slices and one cat
+        c = vis.common
+
+        def splice(full: Tensor, new: Tensor) -> Tensor:
+            return torch.cat([full[:, :c], new, full[:, c + n:]], 1)
+    else:
+        j = torch.arange(T - n + k, device=seq.h.device)[None]
+        s = vis.start[:, None]
+        src = torch.where(j < s, j, torch.where(j < s + k, T + j - s, j - k + n))
+
+        def splice(full: Tensor, new: Tensor) -> Tensor:
+            return _splice(full, new, src)
     # reweight (proportional attention): a token that stands for s original tokens is heard as s of them,
     # so its key bias is rho * log(s) of its *current* size, never a sum over the sites it passed
     # (docs/DESIGN.md section 2); text keys get none
@@ -370,12 +383,12 @@ def _apply_hard(seq: _Seq, vis: _Visual, site, scores, keys) -> tuple[_Seq, _Vis
     bias = seq.bias
     if bias is not None or not is_zero(rho):
         vb = rho * torch.log(sizes.clamp_min(1e-12))
-        bias = _splice(bias if bias is not None else torch.zeros(B, T, device=seq.h.device), vb, src)
-    new = _Seq(h=_splice(seq.h, x_new, src), pos=_splice(seq.pos, red.pos.gather(1, order), src),
-               kpm=_splice(seq.kpm, torch.ones(B, k, dtype=torch.bool, device=seq.kpm.device), src),
-               orig=_splice(seq.orig, seq.orig.gather(1, vidx).gather(1, ridx), src), bias=bias)
-    newvis = _Visual(start=vis.start, n=k, coords=gather_tokens(red.coords, order).float(), sizes=sizes,
-                     cls=vis.cls.gather(1, ridx) if vis.cls is not None else None, rho=rho)
+        bias = splice(bias if bias is not None else torch.zeros(B, T, device=seq.h.device), vb)
+    new = _Seq(h=splice(seq.h, x_new), pos=splice(seq.pos, red.pos),
+               kpm=splice(seq.kpm, torch.ones(B, k, dtype=torch.bool, device=seq.kpm.device)),
+               orig=splice(seq.orig, vis.take(seq.orig).gather(1, ridx)), bias=bias)
+    newvis = _Visual(start=vis.start, n=k, coords=red.coords.float(), sizes=sizes,
+                     cls=vis.cls.gather(1, ridx) if vis.cls is not None else None, rho=rho, common=vis.common)
     return new, newvis
 
 

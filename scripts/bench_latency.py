@@ -96,11 +96,9 @@ def _search(budget: float, bs: int, work: Path):
     """``diffopsearch search cost=latency`` (its own body) at ``budget``, the latency model for batch ``bs``."""
     from diffopsearch.commands import search as search_cmd
     from diffopsearch.config import compose
-    from diffopsearch.plan import load_plan
-
     from diffopsearch.errors import UserError
-
     from diffopsearch.fingerprint import code_fingerprint
+    from diffopsearch.plan import load_plan
 
     out = work / f"search-{code_fingerprint()[:12]}-b{budget:g}"  # a search made by other code is not reused
     if not (out / "plan.json").exists():

@@ -2,8 +2,8 @@
 
 Inputs at a site (the visual segment only): x (B, n, d) hidden states, keys (B, n, c) the
 similarity metric (patch/llava/ passes the previous layer's keys averaged over kv heads, as ToMe
-does, and the hidden states at layer 0; may be None when nothing needs a similarity), scores (B, n) importance (higher = more important; None for
-grid / bipartite), pos (B, n) long original position ids (increasing), coords (B, n, 2) float grid
+does, and the hidden states at layer 0; may be None when nothing needs a similarity), scores (B, n)
+importance (higher = more important; None for grid / bipartite), pos (B, n) long original position ids (increasing), coords (B, n, 2) float grid
 (row, col), sizes (B, n) how many original tokens each token stands for (None = ones).
 
 Anchor rules (``Site.anchors``), each keeping exactly ``keep`` tokens:

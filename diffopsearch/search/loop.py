@@ -235,8 +235,8 @@ def policy_objective(policy, pairs, reward: dict, paired: dict, entropy: float, 
     r1, r2 = rewards_of(reward, 0), rewards_of(reward, 1)
     sd = _spread(torch.cat([r1, r2[has2]]))
     p1, p2 = rewards_of(paired, 0), rewards_of(paired, 1)
-    q = torch.stack([f["two"][one.layer].exp() if two is not None else torch.zeros(()) for one, two in pairs])
-    v = q.detach() * r2 + (1 - q.detach()) * r1
+    q = torch.tensor([float(f["two"][one.layer].exp()) if two is not None else 0.0 for one, two in pairs])
+    v = q * r2 + (1 - q) * r1
     lp1 = torch.stack([policy.first_log_prob(one, f) for one, _ in pairs])
     lp2 = torch.stack([policy.second_log_prob(two, f) if two is not None else torch.zeros(()) for _, two in pairs])
     d = torch.where(has2, p2 - p1, torch.zeros_like(p1)) * sd / _spread(torch.cat([p1, p2[has2]]))
@@ -369,9 +369,9 @@ def _plan_losses(model, planner, state, choices, batch, settings, device, dtype)
     :func:`question_reward` per plan), the encoded chunks (chunk, vision, reference) for the knobs' pass,
     and the reduced forwards run."""
     losses = torch.zeros(len(choices), dtype=torch.float64)
-    rewards = torch.zeros(len(choices), dtype=torch.float64)
+    paired = torch.zeros(len(choices), dtype=torch.float64)
     if batch is None:
-        return losses, rewards, [], 0
+        return losses, paired, [], 0
     plans = [planner.hard_sites(c, state.knobs.floats) for c in choices]
     n = batch["input_ids"].shape[0]
     chunks = micro_batches(to_device(batch, device, dtype), settings.micro_batch)
@@ -384,8 +384,8 @@ def _plan_losses(model, planner, state, choices, batch, settings, device, dtype)
             for j, sites in enumerate(plans):
                 per_q = plan_losses(model, chunk, sites, ref, settings.loss, False, vision).double()
                 losses[j] += float(per_q.sum()) / n
-                rewards[j] += float(question_reward(per_q).sum()) / n
-    return losses, rewards, encoded, len(plans) * len(chunks)
+                paired[j] += float(question_reward(per_q).sum()) / n
+    return losses, paired, encoded, len(plans) * len(chunks)
 
 
 def plan_reward(losses: torch.Tensor) -> torch.Tensor:
@@ -440,10 +440,11 @@ def _apply_update(state, opt, procs, grad_clip: float, mean_loss: float, fail) -
 def _record(step, state, planner, choices, losses, grad_norm, grad_bad, seconds) -> dict:
     """The step's line of the JSONL log (and the progress bar's fields)."""
     space = planner.space
-    mode = state.policy.decode()
+    with torch.no_grad():
+        f = state.policy.factors()
+        mode = state.policy.decode(f)
+        p_two = float(f["two"][mode.layer].exp())  # P(a second site follows) at the decoded first site
     mode_plan = planner.plan(mode, state.knobs.floats)
-    with torch.no_grad():  # P(a second site follows) at the decoded first site: the decision's state
-        p_two = float(state.policy.factors()["two"][mode.layer].exp())
     return {"step": step, "loss": float(losses.mean()), "best": float(losses.min()),
             "plans": [describe(c, space) for c in choices], "losses": [round(float(x), 5) for x in losses],
             "mode": describe(mode, space), "mode_keep": [s.keep for s in mode_plan.sites],

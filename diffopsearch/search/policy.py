@@ -4,8 +4,8 @@ choices, and the operators' continuous knobs.
 Policy (score-function gradients): the first site's layer, then its operator given the layer; then
 whether a second site follows (a Bernoulli per first layer), its layer among the later ones, its
 operator given that layer and its keep ratio given the operator. One site, two sites and non-increasing
-counts are what it expresses; the first site's keep is solved from the budget (:mod:`.space`). Every factor starts uniform over what is
-allowed and feasible at the budget, and "a second site" at even odds.
+counts are what it expresses; the first site's keep is solved from the budget (:mod:`.space`). Every
+factor starts uniform over what is allowed and feasible at the budget, and "a second site" at even odds.
 
 Knobs (backpropagation through the hard forward): merge, sharpness, locality and reweight per slot
 (first / second site) and regime, each starting at its named regime's value (:mod:`diffopsearch.regimes`,
@@ -143,12 +143,13 @@ class Policy(nn.Module):
         return self.ranked(1)[0][0]
 
     @torch.no_grad()
-    def decode(self) -> Choice:
+    def decode(self, f: dict | None = None) -> Choice:
         """The gradient phase's plan: each decision's most probable option in turn (first layer, its operator,
         whether a second site follows, then its layer, operator and ratio), as NAS methods read their
         architecture off the learned distributions. Unlike :meth:`mode` it does not penalise a second site
-        for being described by more factors than no second site."""
-        f = self.factors()
+        for being described by more factors than no second site. ``f``: :meth:`factors`, when the caller has
+        them."""
+        f = f or self.factors()
         one, two = self.decode_pair(f)
         if two is None or float(f["two"][one.layer]) <= float(f["one"][one.layer]):
             return one

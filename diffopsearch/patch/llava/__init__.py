@@ -57,5 +57,4 @@ from .forward import encode_images, reweight_after, stage_timer
 from .reduced import ReducedLlava, apply_plan, cache_of, search_forward
 
 __all__ = ["SUPPORTED_ATTENTION", "ReducedCache", "ReducedLlava", "apply_plan", "cache_of", "encode_images",
-           "reweight_after",
-           "search_forward", "stage_timer"]
+           "reweight_after", "search_forward", "stage_timer"]

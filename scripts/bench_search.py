@@ -2,9 +2,10 @@
 ``<!-- search:begin -->`` and ``<!-- search:end -->`` (scripts/bench.py keeps that section).
 
     OMP_NUM_THREADS=2 python scripts/bench_search.py            # budgets 0.6 0.4 0.25, seeds 0 1 2 (~1 h, 2 cores)
+    OMP_NUM_THREADS=2 python scripts/bench_search.py --preset thorough --budgets 0.25   # its own section (~30 min)
     python scripts/bench_search.py --budgets 0.4 --seeds 0 --limit 200 --out /tmp/B.md   # a quick look
 
-At every budget and seed, on the toy backbone, with the ``search`` command's defaults:
+At every budget and seed, on the toy backbone, with the ``search`` command's defaults (or a preset's settings):
 
 (a) the gradient phase's own plan (the policy's most probable plan with its learned knobs; no selection);
 (b) corner enumeration alone: the space's single-site corners through the same two-stage selection;
@@ -43,9 +44,12 @@ def parse_args(argv):
     p.add_argument("--budgets", default="0.6,0.4,0.25")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--limit", type=int, default=None, help="test questions (default: the whole split)")
-    p.add_argument("--work", default=str(ROOT / "runs" / "bench_search"))
+    p.add_argument("--work", default=None, help="where pieces are kept (default runs/bench_search, "
+                   "runs/bench_search_PRESET with --preset: pieces are keyed by budget and seed, not settings)")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--figure", default=str(ROOT / "docs" / "search_curve.png"))
+    p.add_argument("--preset", default=None, help="a shipped search preset (conf/search/NAME.yaml, e.g. thorough) "
+                   "instead of the defaults: its own section of --out, no figure")
     p.add_argument("--search", action="append", default=[], metavar="KEY=VALUE", help="search.* overrides")
     p.add_argument("--note", default="", help="a sentence on how the run was made (e.g. pieces measured side by "
                                                "side), printed under the header")
@@ -103,9 +107,10 @@ def main(argv=None) -> int:
     t_all = time.time()
     budgets = [float(x) for x in a.budgets.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
-    work = Path(a.work)
+    work = Path(a.work or ROOT / "runs" / ("bench_search" + (f"_{a.preset}" if a.preset else "")))
     work.mkdir(parents=True, exist_ok=True)
-    cfg0 = compose("search", [f"search.{kv}" for kv in a.search])
+    preset = [f"search={a.preset}"] if a.preset else []
+    cfg0 = compose("search", preset + [f"search.{kv}" for kv in a.search])
     model, proc = load_backbone(cfg0.model)
     model.requires_grad_(False)
     test = load_from_config(cfg0.dataset, limit=a.limit)
@@ -126,7 +131,7 @@ def main(argv=None) -> int:
     for budget in budgets:
         for seed in seeds:
             tag = f"b{budget}-s{seed}"
-            cfg = compose("search", [f"budget={budget}", f"seed={seed}"] + [f"search.{kv}" for kv in a.search])
+            cfg = compose("search", preset + [f"budget={budget}", f"seed={seed}"] + [f"search.{kv}" for kv in a.search])
             train = load_qa("toy", None, "train", None, None, None)
             train, held = hold_out(train, n_held, seed)
             space = make_space(model.config)
@@ -236,8 +241,8 @@ def main(argv=None) -> int:
     none = test_score(None)
     check = cached(work, f"check-generate-{min(len(test), 500)}", lambda: _generate_check(model, proc, test, 500))
     doc = _document(a, argv, budgets, seeds, rows, base, none, check, len(test), time.time() - t_all, settings_from(cfg0))
-    _write_section(Path(a.out), doc)
-    if curves:
+    _write_section(Path(a.out), doc, a.preset)
+    if curves and not a.preset:
         _figure(curves, Path(a.figure))
     print(doc)
     return 0
@@ -262,12 +267,15 @@ def _document(a, argv, budgets, seeds, rows, base, none, check, n_test, total_s,
     shown = [x for i, x in enumerate(argv or []) if x != "--note" and (i == 0 or (argv or [])[i - 1] != "--note")]
     cmd = "OMP_NUM_THREADS=2 python scripts/bench_search.py " + " ".join(shlex.quote(x) for x in shown)
     se = 100 * math.sqrt(none["accuracy"] * (1 - none["accuracy"]) / n_test)
-    out = [BEGIN, "", "## Does the gradient phase find the plan?", "",
+    begin, end = markers(a.preset)
+    title = "## Does the gradient phase find the plan?" + (f" With `search={a.preset}`" if a.preset else "")
+    what = f"Search settings (`search={a.preset}`)" if a.preset else "Search defaults"
+    out = [begin, "", title, "",
            f"Made by `{cmd.strip()}` on this machine (2 CPU cores): this run took {total_s / 60:.0f} min, measured "
            f"{CACHE['runs']} pieces and read {CACHE['hits']} from `--work` (measured there by earlier runs of the same "
            f"procedure). {a.note + ' ' if a.note else ''}The toy backbone, "
            f"the whole test split ({n_test} questions), budgets {', '.join(f'{b:g}' for b in budgets)}, search seeds "
-           f"{', '.join(map(str, seeds))}; mean ± spread (population std) over seeds. Search defaults: "
+           f"{', '.join(map(str, seeds))}; mean ± spread (population std) over seeds. {what}: "
            f"{settings.steps} steps of {settings.plans_per_step} plans on {settings.batch_size} questions, "
            f"loss `{settings.loss}`. One standard error of an accuracy here is about {se:.2f} points. "
            "\"question-forwards\": reduced forwards of one question each method spent choosing its plan; "
@@ -277,7 +285,8 @@ def _document(a, argv, budgets, seeds, rows, base, none, check, n_test, total_s,
         out += [f"### Budget {budget:g}", "", "| | method | test accuracy (%) | seconds | question-forwards | plans (per seed) |",
                 "|---|---|---|---|---|---|"]
         names = {"a": "gradient phase's own plan (no selection)", "b": "corner enumeration + selection",
-                 "c": "random search + selection", "d": "default search (gradient phase + selection)"}
+                 "c": "random search + selection",
+                 "d": f"{'the' if a.preset else 'default'} search (gradient phase + selection)"}
         for k in "abcd":
             xs = r[k]
             out.append(f"| ({k}) | {names[k]} | {_stat([x['accuracy'] for x in xs])} | "
@@ -294,17 +303,25 @@ def _document(a, argv, budgets, seeds, rows, base, none, check, n_test, total_s,
                 f"(d) - (f) = {100 * (statistics.mean(d_acc) - none['accuracy']):+.2f}. "
                 f"The gradient phase's own plan won the selection in {won} of {len(d_acc)} seeds.", ""]
     out += [f"Teacher-forced vs generated accuracy of the unreduced model on the first {check['n']} test questions: "
-            f"{100 * check['teacher_forced']:.2f}% vs {100 * check['generated']:.2f}% (`diffopsearch eval`).", "",
-            "![held-out CE of the gradient phase's plan over the steps](docs/search_curve.png)", "", END]
+            f"{100 * check['teacher_forced']:.2f}% vs {100 * check['generated']:.2f}% (`diffopsearch eval`).", ""]
+    if not a.preset:
+        out += ["![held-out CE of the gradient phase's plan over the steps](docs/search_curve.png)", ""]
+    out.append(end)
     return "\n".join(out) + "\n"
 
 
-def _write_section(path: Path, section: str) -> None:
+def markers(preset: str | None) -> tuple[str, str]:
+    """The section's markers in BENCHMARKS.md: one section for the defaults, one per preset."""
+    return (BEGIN, END) if not preset else (f"<!-- search-{preset}:begin -->", f"<!-- search-{preset}:end -->")
+
+
+def _write_section(path: Path, section: str, preset: str | None = None) -> None:
     from diffopsearch.io import atomic_write_text
 
+    begin, end = markers(preset)
     text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section.rstrip("\n") + text[text.index(END) + len(END):]
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section.rstrip("\n") + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     atomic_write_text(path, text)

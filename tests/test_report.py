@@ -278,6 +278,25 @@ def _bench():
     return mod
 
 
+def test_bench_search_writes_a_preset_beside_the_defaults_section(tmp_path):
+    """scripts/bench_search.py --preset NAME has its own section: writing it (twice) keeps the defaults' one."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_search.py"
+    spec = importlib.util.spec_from_file_location("diffopsearch_bench_search_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "B.md"
+    b, e = mod.markers(None)
+    mod._write_section(out, f"{b}\ndefaults\n{e}\n")
+    for text in ("first", "second"):
+        tb, te = mod.markers("thorough")
+        mod._write_section(out, f"{tb}\n{text}\n{te}\n", "thorough")
+    md = out.read_text()
+    assert "defaults" in md and "second" in md and "first" not in md
+    assert md.count("search-thorough:begin") == 1 and md.index("defaults") < md.index("second")
+
+
 def test_bench_projection_to_llava_7b_scales_layers_and_keeps():
     from types import SimpleNamespace
 

@@ -378,6 +378,36 @@ def test_plan_scores_of_no_plan_and_an_empty_plan_agree(tiny4, train):
     assert a["accuracy"] == b["accuracy"] and a["ce"] == pytest.approx(b["ce"], rel=1e-5)
 
 
+@pytest.mark.parametrize("sites, seed", [
+    ([{"layer": 0, "keep": 9, "score": "norm", "merge": 1.0, "sharpness": 50.0, "reweight": 1.0},
+      {"layer": 2, "keep": 4, "score": "attn"}], 0),
+    ([{"layer": 1, "keep": 5, "score": "random"}], 3),  # the plan's seed reaches the random score
+])
+def test_plan_scores_on_prepared_questions_match_the_plan_as_eval_runs_it(tiny4, train, sites, seed):
+    """Selection scores candidates on questions prepared once (decoded, vision tower run): per question,
+    the same CE as the plan's own forward (apply_plan, what eval runs) on the raw data set."""
+    from diffopsearch.data.datasets import make_train_batch
+    from diffopsearch.patch.llava import apply_plan
+    from diffopsearch.plan import Plan, Site
+    from diffopsearch.search.loop import answer_terms, encode_questions, plan_scores
+
+    model, proc = tiny4
+    plan = Plan(sites=[Site(**s) for s in sites], backbone=_backbone(model), seed=seed)
+    enc = encode_questions(model, proc, train, batch_size=4)
+    got = plan_scores(model, proc, plan, enc, per_question=True)
+    assert len(enc) == len(train) and got["n"] == len(train)
+    recs, imgs = train.batch(list(range(len(train))))
+    b = make_train_batch(proc, recs, imgs)
+    labels = b.pop("labels")
+    width = int((labels != -100).sum(1).max()) + 1
+    with torch.no_grad():
+        logits = apply_plan(model, plan)(**b, logits_to_keep=width).logits[:, :-1].float()
+    want = answer_terms(logits, labels[:, -width + 1:])[3].double()
+    assert torch.allclose(got["per_question"], want, rtol=1e-4, atol=1e-6)
+    assert got == {**plan_scores(model, proc, plan, train, batch_size=4, per_question=True),
+                   "per_question": got["per_question"]}
+
+
 def test_selection_records_whether_the_gradient_plan_won(tiny4, train):
     from diffopsearch.search import hold_out
 
@@ -447,6 +477,7 @@ def test_a_challenger_replaces_the_gradient_plan_only_by_more_than_the_margin(mo
         return {"accuracy": 0.5, "ce": float(pq.mean()), "n": len(pq), "per_question": pq}
 
     monkeypatch.setattr(loop, "plan_scores", fake_scores)
+    monkeypatch.setattr(loop, "encode_questions", lambda model, processor, data, *a: data)
     monkeypatch.setattr(select, "_row", lambda origin, plan: {"origin": origin})
     held = type("Held", (), {"__len__": lambda self: 64, "split": "held"})()
     (origin, _), best, table = select.select_plan(None, None, [("gradient", "gradient"), ("c", "challenger")],

@@ -235,7 +235,7 @@ def policy_objective(policy, pairs, reward: dict, paired: dict, entropy: float, 
     r1, r2 = rewards_of(reward, 0), rewards_of(reward, 1)
     sd = _spread(torch.cat([r1, r2[has2]]))
     p1, p2 = rewards_of(paired, 0), rewards_of(paired, 1)
-    q = torch.tensor([float(f["two"][one.layer].exp()) if two is not None else 0.0 for one, two in pairs])
+    q = torch.tensor([float(f["two"][one.layer].detach().exp()) if two is not None else 0.0 for one, two in pairs])
     v = q * r2 + (1 - q) * r1
     lp1 = torch.stack([policy.first_log_prob(one, f) for one, _ in pairs])
     lp2 = torch.stack([policy.second_log_prob(two, f) if two is not None else torch.zeros(()) for _, two in pairs])
@@ -548,36 +548,67 @@ def search(model, processor, dataset, space: SearchSpace, planner: Planner, sett
 
 # ---------------------------------------------------------------- validation (model selection)
 
+@dataclass
+class EncodedQuestions:
+    """A question set prepared once for scoring many plans on it (selection): this process's rows,
+    teacher-forced batches with their images decoded and processed, and the vision tower's output.
+    Decoding, processing and the vision pass are more than half of one candidate's scoring on the toy
+    backbone; each candidate then runs only its decoder. The vision outputs stay on the CPU between
+    uses, so a large backbone's GPU holds one batch of them at a time."""
+
+    batches: list  # (teacher-forced batch on the model's device without its pixels, the vision output on the CPU)
+    split: str
+    n: int
+
+    def __len__(self) -> int:
+        return self.n
+
+
 @torch.no_grad()
-def plan_scores(model, processor, plan, dataset, batch_size: int = 32, procs: Procs | None = None,
-                per_question: bool = False) -> dict:
-    """Teacher-forced scores of a hard plan on ``dataset``: ``accuracy`` (a question counts when
-    every answer token and the eos are the argmax: exactly when greedy decoding produces the
-    answer, for answers that are whole tokens), ``ce`` (mean answer-token cross-entropy) and
-    with ``per_question``, this process's questions' mean answer-token CE (a tensor, rows rank::world). One
-    reduced forward per batch, no generation: cheap enough to compare candidate plans."""
+def encode_questions(model, processor, dataset, batch_size: int = 32, procs: Procs | None = None) -> EncodedQuestions:
+    """``dataset`` prepared for :func:`plan_scores` (:class:`EncodedQuestions`)."""
     from ..data.datasets import make_train_batch
-    from ..patch.llava import apply_plan
 
     procs = procs or Procs()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    fwd = apply_plan(model, plan) if plan is not None and plan.sites else model
     rows = list(range(len(dataset)))[procs.rank::procs.world]
-    tally = torch.zeros(4, dtype=torch.float64)  # right, questions, summed CE, answer tokens
-    per_q = []
+    batches = []
     for s in range(0, len(rows), batch_size):
         recs, imgs = dataset.batch(rows[s:s + batch_size])
         if not recs:
             continue
         b = to_device(make_train_batch(processor, recs, imgs), device, dtype)
-        labels = b.pop("labels")
-        query = b.pop("query_index")  # attn scores from the last prompt token, as in generation
-        if fwd is not model:
-            b["query_index"] = query
-        width = int((labels != -100).sum(1).max()) + 1
-        logits = fwd(**b, logits_to_keep=width).logits[:, :-1].float()
-        ce_sum, n_tokens, ok, row_ce = answer_terms(logits, labels[:, -width + 1:])
+        pixels = b.pop("pixel_values", None)  # not kept: the vision output stands for them
+        vision = encode_images(model, pixels) if pixels is not None else None
+        batches.append((b, to_device(vision, "cpu", dtype) if vision is not None else None))
+    return EncodedQuestions(batches=batches, split=dataset.split, n=len(dataset))
+
+
+@torch.no_grad()
+def plan_scores(model, processor, plan, dataset, batch_size: int = 32, procs: Procs | None = None,
+                per_question: bool = False) -> dict:
+    """Teacher-forced scores of a hard plan on ``dataset`` (a data set, or :func:`encode_questions` of one):
+    ``accuracy`` (a question counts when every answer token and the eos are the argmax: exactly when
+    greedy decoding produces the answer, for answers that are whole tokens), ``ce`` (mean answer-token
+    cross-entropy) and with ``per_question``, this process's questions' mean answer-token CE (a tensor,
+    rows rank::world). One reduced forward per batch, no generation: cheap enough to compare candidate
+    plans."""
+    from ..patch.llava import plan_seed, search_forward
+
+    procs = procs or Procs()
+    device = next(model.parameters()).device
+    enc = dataset if isinstance(dataset, EncodedQuestions) else encode_questions(model, processor, dataset,
+                                                                               batch_size, procs)
+    sites, seed = (list(plan.sites), plan_seed(plan)) if plan is not None else ([], 0)
+    tally = torch.zeros(4, dtype=torch.float64)  # right, questions, summed CE, answer tokens
+    per_q = []
+    for b, vision in enc.batches:
+        kw, target, _ = _forward_kw(b)  # query_index: attn scores from the last prompt token, as in generation
+        logits = search_forward(model, sites, b["input_ids"],
+                                vision=to_device(vision, device, None) if vision is not None else None,
+                                seed=seed, **kw)[:, :-1].float()
+        ce_sum, n_tokens, ok, row_ce = answer_terms(logits, target)
         per_q.append(row_ce.double().cpu())
         tally += torch.tensor([float(ok.sum()), float(ok.numel()), float(ce_sum), float(n_tokens)],
                               dtype=torch.float64)

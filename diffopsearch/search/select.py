@@ -74,7 +74,7 @@ def select_plan(model, processor, candidates, heldout, screen: int | None = None
     question, its CE is lower by more than ``margin`` paired standard errors (``paired_diff``, ``paired_se``
     in its row): a few hundred questions cannot tell plans closer than that apart, and a challenger that
     wins by noise is a worse plan about as often as a better one."""
-    from .loop import plan_scores
+    from .loop import encode_questions, plan_scores
     from ..runtime import Procs
 
     procs = procs or Procs()
@@ -83,14 +83,18 @@ def select_plan(model, processor, candidates, heldout, screen: int | None = None
         return plan_scores(model, processor, plan, data, batch_size=batch_size, procs=procs,
                            per_question=per_question)
 
+    def encoded(data):  # images decoded and the vision tower run once, not once per candidate
+        return encode_questions(model, processor, data, batch_size, procs)
+
     table = [_row(o, p) for o, p in candidates]
     final = list(range(len(candidates)))
     if screen is not None and screen < len(heldout) and len(candidates) > finalists + 1:
-        few = heldout.subset(range(screen), split=f"{heldout.split}, first {screen}")
+        few = encoded(heldout.subset(range(screen), split=f"{heldout.split}, first {screen}"))
         for i in final[1:]:
             table[i].update(_scores(score(candidates[i][1], few), "screen_"))
         final = [0] + sorted(final[1:], key=lambda i: (table[i]["screen_ce"], i))[:finalists]
     per_q = {}
+    heldout = encoded(heldout)
     for i, row in enumerate(table):
         if i in final:
             sc = score(candidates[i][1], heldout, per_question=True)

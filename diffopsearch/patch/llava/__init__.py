@@ -54,7 +54,7 @@ from __future__ import annotations
 from .attention import SUPPORTED_ATTENTION
 from .cache import ReducedCache
 from .forward import encode_images, reweight_after, stage_timer
-from .reduced import ReducedLlava, apply_plan, cache_of, search_forward
+from .reduced import ReducedLlava, apply_plan, cache_of, plan_seed, search_forward
 
 __all__ = ["SUPPORTED_ATTENTION", "ReducedCache", "ReducedLlava", "apply_plan", "cache_of", "encode_images",
-           "reweight_after", "search_forward", "stage_timer"]
+           "plan_seed", "reweight_after", "search_forward", "stage_timer"]

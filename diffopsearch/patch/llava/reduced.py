@@ -260,28 +260,33 @@ def apply_plan(model, plan, seed: int | None = None) -> ReducedLlava:
     if validate is not None:
         validate(model.config)
     _check_model(model)
+    return ReducedLlava(model, plan, seed=plan_seed(plan) if seed is None else int(seed))
+
+
+def plan_seed(plan) -> int:
+    """What seeds a plan's ``random`` score: its own seed if it records one, else its search's, else 0."""
+    seed = getattr(plan, "seed", None)
     if seed is None:
-        seed = getattr(plan, "seed", None)
-        if seed is None:
-            search = getattr(plan, "search", None) or {}
-            seed = search.get("seed", 0) if isinstance(search, dict) else 0
-    return ReducedLlava(model, plan, seed=int(seed or 0))
+        search = getattr(plan, "search", None) or {}
+        seed = search.get("seed", 0) if isinstance(search, dict) else 0
+    return int(seed or 0)
 
 
 def search_forward(model, sites: Sequence, input_ids: Tensor, attention_mask: Tensor | None = None,
                    pixel_values: Tensor | None = None, *, position_ids: Tensor | None = None,
                    logits_to_keep: int | Tensor = 0, query_index: Tensor | None = None,
-                   checkpoint: bool = False, vision: dict | None = None) -> Tensor:
+                   checkpoint: bool = False, vision: dict | None = None, seed: int = 0) -> Tensor:
     """The search's forward: logits of the *reduced* sequence (or its last ``logits_to_keep``) under hard
     ``sites`` (objects with Site's fields, at most one per layer) whose knobs may be tensors that require
     grad: the loss is differentiable in merge / sharpness / locality / reweight through the really
     shortened sequence. ``query_index`` (B,): the last prompt token of a teacher-forced answer, so ``attn``
     scores are what generation sees. ``checkpoint``: activation checkpointing over the decoder layers.
     ``vision``: :func:`encode_images` of ``pixel_values`` (then ``pixel_values`` only marks that there is an
-    image), so several plans on one batch share one vision pass."""
+    image), so several plans on one batch share one vision pass. ``seed``: the ``random`` score's
+    (:func:`plan_seed` of a plan)."""
     _check_model(model)
     sites = _ordered_sites(sites, len(model.model.language_model.layers), "search site")
     res = run(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                pixel_values=pixel_values, hard_sites=sites, use_cache=False, query_index=query_index,
-               checkpoint=checkpoint, vision=vision)
+               checkpoint=checkpoint, vision=vision, seed=seed)
     return model.lm_head(slice_logits_to_keep(res.hidden, logits_to_keep))

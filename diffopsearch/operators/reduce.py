@@ -3,8 +3,8 @@
 Inputs at a site (the visual segment only): x (B, n, d) hidden states, keys (B, n, c) the
 similarity metric (patch/llava/ passes the previous layer's keys averaged over kv heads, as ToMe
 does, and the hidden states at layer 0; may be None when nothing needs a similarity), scores (B, n)
-importance (higher = more important; None for grid / bipartite), pos (B, n) long original position ids (increasing), coords (B, n, 2) float grid
-(row, col), sizes (B, n) how many original tokens each token stands for (None = ones).
+importance (higher = more important; None for grid / bipartite), pos (B, n) long original position ids
+(increasing), coords (B, n, 2) float grid (row, col), sizes (B, n) how many original tokens each token stands for (None = ones).
 
 Anchor rules (``Site.anchors``), each keeping exactly ``keep`` tokens:
 
@@ -132,7 +132,7 @@ class Anchors(NamedTuple):
 
 def topk_anchors(scores, pos, coords, k) -> Anchors:
     idx = _mask_to_index(topk_mask(scores, k), k, pos)
-    return Anchors(idx, torch.ones_like(idx, dtype=torch.bool), _gather_coords(coords, idx))
+    return Anchors(idx, torch.ones_like(idx, dtype=torch.bool), take_rows(coords, idx))
 
 
 def grid_anchors(pos, coords, k) -> Anchors:
@@ -185,7 +185,7 @@ def iqr_anchors(scores, pos, coords, k) -> Anchors:
     fill = _even_fill(~out, (k - n_out).clamp_min(0))
     chosen = torch.where((n_out >= k)[:, None], topk_mask(s, k), out | fill)
     idx = _mask_to_index(chosen, k, pos)
-    return Anchors(idx, torch.ones_like(idx, dtype=torch.bool), _gather_coords(coords, idx))
+    return Anchors(idx, torch.ones_like(idx, dtype=torch.bool), take_rows(coords, idx))
 
 
 def dominant_anchors(scores, pos, coords, k) -> Anchors:
@@ -200,11 +200,7 @@ def dominant_anchors(scores, pos, coords, k) -> Anchors:
     else:
         target = torch.zeros_like(dom)
     idx = _mask_to_index(dom | target, k, pos)
-    return Anchors(idx, target.gather(1, idx), _gather_coords(coords, idx))
-
-
-def _gather_coords(coords, idx):
-    return take_rows(coords, idx)
+    return Anchors(idx, target.gather(1, idx), take_rows(coords, idx))
 
 
 def select_anchors(anchors: str, scores, pos, coords, k) -> Anchors:
@@ -306,7 +302,7 @@ def hard_reduce(x, keys, scores, pos, coords, sizes, site) -> Reduced:
         sd = sizes.gather(1, drop).float()
         kd = None if keys is None else take_rows(keys, drop)
         ka = None if keys is None else take_rows(keys, idx)
-        P = assignment(kd, ka, _gather_coords(coords, drop), anc.coords, site.sharpness, site.locality,
+        P = assignment(kd, ka, take_rows(coords, drop), anc.coords, site.sharpness, site.locality,
                        allowed=anc.receive)  # (B, n-k, k)
         Pw = P * sd[..., None]
         flow = mu * Pw.sum(1)                                   # (B, k)

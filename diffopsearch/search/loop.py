@@ -557,8 +557,7 @@ class EncodedQuestions:
     uses, so a large backbone's GPU holds one batch of them at a time."""
 
     batches: list  # (teacher-forced batch on the model's device without its pixels, the vision output on the CPU)
-    split: str
-    n: int
+    n: int  # questions in the set, every process's
 
     def __len__(self) -> int:
         return self.n
@@ -582,7 +581,7 @@ def encode_questions(model, processor, dataset, batch_size: int = 32, procs: Pro
         pixels = b.pop("pixel_values", None)  # not kept: the vision output stands for them
         vision = encode_images(model, pixels) if pixels is not None else None
         batches.append((b, to_device(vision, "cpu", dtype) if vision is not None else None))
-    return EncodedQuestions(batches=batches, split=dataset.split, n=len(dataset))
+    return EncodedQuestions(batches=batches, n=len(dataset))
 
 
 @torch.no_grad()

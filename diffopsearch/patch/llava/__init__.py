@@ -43,7 +43,7 @@ Conventions:
 
 The package, one module per piece:
 
-* :mod:`.attention`: RoPE, masks, the attention implementation, token gathers;
+* :mod:`.attention`: RoPE, masks, the attention implementation;
 * :mod:`.hooks`: q/k capture by forward hooks, FastV and CLS scores from them;
 * :mod:`.cache`: :class:`ReducedCache`, the KV cache of a reduced prefill;
 * :mod:`.forward`: the decoder loop with sites, decoding on a reduced cache, :func:`stage_timer`;

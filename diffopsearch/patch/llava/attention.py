@@ -1,7 +1,6 @@
 """Attention plumbing of the reduced forward: RoPE, the masks the decoder layers take (transformers'
 boolean / ``is_causal`` path, or an additive mask carrying the reweighting key bias), which attention
-implementation a model runs, token gathers along the sequence, the decoder layer's cache keyword, and the
-vision tower's geometry."""
+implementation a model runs, the decoder layer's cache keyword, and the vision tower's geometry."""
 from __future__ import annotations
 
 import functools
@@ -9,8 +8,6 @@ import inspect
 
 import torch
 from torch import Tensor
-
-from ...operators.rows import take_rows
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -24,11 +21,6 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Llama RoPE on (B, heads, T, hd) with cos/sin (B, T, hd)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + _rotate_half(x) * sin
-
-
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x (B, T, ...) gathered along dim 1 with index (B, k) (a flat index_select: operators/rows.py)."""
-    return take_rows(x, index)
 
 
 def build_mask(kpm: Tensor, bias: Tensor | None, q_len: int, impl: str, dtype: torch.dtype):

@@ -16,8 +16,9 @@ from torch import Tensor
 
 from ...errors import UserError
 from ...operators.reduce import hard_reduce, is_zero
+from ...operators.rows import take_rows
 from ...operators.scores import norm_scores, random_scores
-from .attention import attn_implementation, build_mask, cache_kw, gather_tokens, grid_side, vision_layers
+from .attention import attn_implementation, build_mask, cache_kw, grid_side, vision_layers
 from .cache import ReducedCache
 from .hooks import Capture, cls_attention, fastv_scores
 
@@ -91,7 +92,7 @@ class _Visual:
         """The segment's rows of x (B, T, ...): a slice when every row starts at the same offset (no gather)."""
         if self.common is not None:
             return x[:, self.common:self.common + self.n]
-        return gather_tokens(x, self.index())
+        return take_rows(x, self.index())
 
 
 @dataclass
@@ -349,7 +350,7 @@ def _keys(l: int, seq: _Seq, vis: _Visual, cap: Capture, layers) -> Tensor:
 
 
 def _splice(full: Tensor, new: Tensor, src: Tensor) -> Tensor:
-    return gather_tokens(torch.cat([full, new], 1), src)
+    return take_rows(torch.cat([full, new], 1), src)
 
 
 def _apply_hard(seq: _Seq, vis: _Visual, site, scores, keys) -> tuple[_Seq, _Visual]:

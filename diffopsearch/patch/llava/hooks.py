@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...operators.rows import take_rows
 from ...operators.scores import attn_scores, cls_scores
-from .attention import gather_tokens, rope
+from .attention import rope
 
 
 class Capture:
@@ -49,7 +50,7 @@ def fastv_scores(attn, q_rows: Tensor, k_all: Tensor, cos: Tensor, sin: Tensor, 
         q_last, cq, sq, key_mask = q_rows, cos[:, -1:], sin[:, -1:], kpm
     else:
         qi = query_index.to(k_all.device).view(B, 1)
-        q_last, cq, sq = gather_tokens(q_rows, qi), gather_tokens(cos, qi), gather_tokens(sin, qi)
+        q_last, cq, sq = take_rows(q_rows, qi), take_rows(cos, qi), take_rows(sin, qi)
         key_mask = kpm & (torch.arange(T, device=k_all.device)[None] <= qi)
     q = rope(q_last.float().view(B, 1, -1, hd).transpose(1, 2), cq, sq)[:, :, 0]     # (B, H, hd)
     k = rope(k_all.float().view(B, T, -1, hd).transpose(1, 2), cos, sin)               # (B, Hkv, T, hd)

@@ -12,10 +12,12 @@ position's logits. The model splits it into
   without sites minus its decoder layers;
 - ``op_call_ms[kind] + op_ms[kind] * n_in``: each operator kind's own time at a site with ``n_in`` visual
   tokens in (the "reduce" stage of a real forward, measured at n and n/2 tokens in): a per-site constant
-  (calls and kernel launches, which dominate at batch 1) plus a per-token slope.
+  (calls and kernel launches, which dominate at batch 1) plus a per-token slope;
+- ``setup_ms``: what a forward with sites does once before the first (the "setup" stage: finding the visual
+  segment and its grid).
 
-A plan's predicted time is ``fixed + sum over layers of layer_ms(n_text + visual tokens in that layer)
-+ sum over sites of (op_call_ms[kind] + op_ms[kind] * tokens in)``; its ratio divides by the unreduced
+A plan's predicted time is ``fixed + setup (if it has sites) + sum over layers of layer_ms(n_text + visual
+tokens in that layer) + sum over sites of (op_call_ms[kind] + op_ms[kind] * tokens in)``; its ratio divides by the unreduced
 model's prefill as users run it (the plain transformers forward, measured: ``reference_offset_ms`` is its
 difference from the forward without sites). The model is keyed by (device, backbone, dtype, batch size,
 attention implementation, torch version) and stored under the cache dir; a file that is damaged or made
@@ -35,7 +37,7 @@ from typing import Callable
 
 from .errors import UserError
 
-FORMAT = "diffopsearch.latency/1"
+FORMAT = "diffopsearch.latency/2"  # /2: setup_ms; the rotary tables of a site in its op time
 GRID = 8            # lengths of the decoder-layer grid
 OP_REPEATS = 5      # timed reduced forwards per operator kind (median)
 log = logging.getLogger("diffopsearch")
@@ -61,6 +63,7 @@ class LatencyModel:
     n_text: float                    # the profiling batch's mean text tokens (the unreduced reference)
     reference_offset_ms: float = 0.0  # the plain transformers forward minus this project's forward, no sites
     op_call_ms: dict = field(default_factory=dict)  # kind -> ms per site whatever its size (calls, launches)
+    setup_ms: float = 0.0            # once per forward with sites, before the first
     seconds: float = 0.0             # how long profiling took
     format: str = FORMAT
     measured: dict = field(default_factory=dict)  # the raw measurements the fits come from
@@ -86,7 +89,7 @@ class LatencyModel:
     def plan_ms(self, plan, n_text: float) -> float:
         """Predicted prefill ms of ``plan`` (a Plan or None) for prompts of ``n_text`` text tokens."""
         sites = {s.layer: s for s in (plan.sites if plan is not None else [])}
-        total, n = self.fixed_ms, self.n_visual
+        total, n = self.fixed_ms + (self.setup_ms if sites else 0.0), self.n_visual
         for layer in range(self.num_layers):
             s = sites.get(layer)
             if s is not None and s.keep < n:
@@ -151,8 +154,8 @@ def load_cached(path: Path, key: dict) -> LatencyModel | None:
         d = json.loads(path.read_text())
         lm = LatencyModel(**d)
         ok = (lm.format == FORMAT and lm.key == key and len(lm.lengths) == len(lm.layer_ms) >= 2
-              and all(math.isfinite(x) and x >= 0 for x in lm.layer_ms + [lm.fixed_ms] + list(lm.op_ms.values())
-                      + list(lm.op_call_ms.values())))
+              and all(math.isfinite(x) and x >= 0 for x in lm.layer_ms + [lm.fixed_ms, lm.setup_ms]
+                      + list(lm.op_ms.values()) + list(lm.op_call_ms.values())))
     except (ValueError, TypeError, KeyError) as e:
         log.warning("the latency model cache %s is damaged (%s): profiling again.", path, e)
         return None
@@ -182,7 +185,7 @@ def _paired(fwd, model, inputs, sync, repeats: int, refs: list) -> dict:
         sync()
         ref = time.perf_counter() - t0
         refs.append(ref)
-        acc = {"reduce": 0.0, "layer": 0.0}
+        acc = {"reduce": 0.0, "layer": 0.0, "setup": 0.0}
 
         def record(stage, seconds, acc=acc):
             acc[stage] = acc.get(stage, 0.0) + seconds
@@ -244,8 +247,8 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
         # each kind at two sizes: all n tokens in, and n/2 after a random prune before layer 0 (whose own
         # time, measured alone, is subtracted): a per-site constant plus a per-token slope
         pre = Site(0, half, "random")
-        base = _paired(apply_plan(model, Plan(sites=[pre], backbone=backbone)), model, inputs, sync, OP_REPEATS,
-                       refs)["reduce"]
+        st = _paired(apply_plan(model, Plan(sites=[pre], backbone=backbone)), model, inputs, sync, OP_REPEATS, refs)
+        base, setup_frac = st["reduce"], st["setup"]
         bar.advance()
         for kind, site in kinds.items():
             if site.score == "cls" and not _has_cls(model):
@@ -273,7 +276,7 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
         per[kind] = max(0.0, (t_n - t_half) / (n_visual - half))
         call[kind] = max(0.0, t_n - per[kind] * n_visual)
     return LatencyModel(key=model_key(model, B, device), lengths=lengths, layer_ms=layer_ms, num_layers=L,
-                        fixed_ms=fixed, op_ms=per, op_call_ms=call,
+                        fixed_ms=fixed, op_ms=per, op_call_ms=call, setup_ms=setup_frac * ref_ms,
                         n_visual=n_visual, n_text=float(n_text), reference_offset_ms=ref_ms - loop_ms,
                         seconds=round(time.time() - t_start, 2),
                         measured={"full_prefill_ms": ref_ms, "loop_prefill_ms": loop_ms,
@@ -371,6 +374,7 @@ def print_model(lm: LatencyModel, path: Path, profiled: bool, console=None) -> N
                   f"transformers forward; {lm.measured.get('loop_prefill_ms', float('nan')):.2f} ms without sites "
                   "in the reduced forward; "
                   f"{lm.num_layers} layers, {lm.n_text:.1f} text + {lm.n_visual} visual tokens)")
+    console.print(f"set-up of a forward with sites (visual segment and grid, once): {lm.setup_ms:.3f} ms")
     o = Table(title="operator kinds: own time")
     for c in ("kind", "ms per site", "ms per visual token in", f"ms at {lm.n_visual} tokens", "% of unreduced prefill"):
         o.add_column(c, justify="right" if c != "kind" else "left")

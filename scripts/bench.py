@@ -283,14 +283,14 @@ def kept_sections(path) -> str:
 
 @contextlib.contextmanager
 def instrumented(model, timers: _Timers, sync):
-    """Time the reduction step inside the reduced forward (``patch.llava.stage_timer``'s "reduce" stage:
-    scoring, similarity keys, hard_reduce and the splice back into the sequence, and the CLS score from
-    the vision tower's q/k) and the vision tower + projector (transformers' ``get_image_features`` of the
-    model, wrapped on the instance) of any forward."""
+    """Time the reduction step inside the reduced forward (``patch.llava.stage_timer``'s "reduce" and "setup"
+    stages: scoring, similarity keys, hard_reduce, the splice back into the sequence and its rotary tables,
+    the CLS score from the vision tower's q/k, and finding the visual segment once) and the vision tower +
+    projector (transformers' ``get_image_features`` of the model, wrapped on the instance) of any forward."""
     from diffopsearch.patch.llava import stage_timer
 
     def add(stage, seconds):
-        if stage == "reduce":
+        if stage in ("reduce", "setup"):
             timers.op += seconds
 
     inner = model.model
@@ -631,12 +631,12 @@ def document(a, argv, info, model_desc, dataset_desc, evals, searches, latency, 
           "rounds that visit the variants in a fresh random order; a ratio is the median over rounds of the "
           "variant's time divided by the reference's time in the same round, so slow drift on a shared machine "
           "cancels.", "",
-          "Operator overhead is timed inside the real forward by `patch.llava.stage_timer`: its `reduce` stage is "
-          "the reduction step (the site's score: FastV's attention, norms or seeded noise; similarity keys; "
-          "`operators.reduce.hard_reduce` plus splicing the kept tokens back into the sequence; the CLS score from "
-          "the vision tower's q/k), and its summed time is divided by the measured forward's total. Not counted as "
-          "overhead: the "
-          "recomputed rotary tables and the rebuilt attention mask after a site (both a few element-wise ops). "
+          "Operator overhead is timed inside the real forward by `patch.llava.stage_timer`: its `reduce` and "
+          "`setup` stages are the reduction step (the site's score: FastV's attention, norms or seeded noise; "
+          "similarity keys; `operators.reduce.hard_reduce` plus splicing the kept tokens back into the sequence "
+          "and the shortened sequence's rotary tables; the CLS score from the vision tower's q/k; finding the "
+          "visual segment, once per forward), and their summed time is divided by the measured forward's total. "
+          "Not counted as overhead: the rebuilt attention mask after a site (a few element-wise ops). "
           f"Targets (issue 6): latency ratio <= {TARGET_LATENCY_FACTOR:.2f} x FLOPs ratio, overhead <= "
           f"{100 * TARGET_OVERHEAD:.0f}% of prefill.", ""]
     for bs, block in (latency.get("by_batch") or {}).items():

@@ -4,6 +4,7 @@ Profiling runs on a tiny random LLaVA of the real classes (its numbers are whate
 measures: no test asserts a time); the budget tests use a hand-made model, so they are exact."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -47,6 +48,16 @@ def test_prediction_is_fixed_plus_layers_plus_operators():
     expect = 10.0 + 2 * (1 + 0.05 * 164) + 6 * (1 + 0.05 * 64) + 0.002 * N_VIS
     assert m.plan_ms(plan, N_TEXT) == pytest.approx(expect)
     assert m.ratio(plan, N_TEXT) == pytest.approx(expect / full)
+
+
+def test_the_set_up_of_a_forward_with_sites_is_counted_once():
+    base, m = hand_model(), dataclasses.replace(hand_model(), setup_ms=0.5)
+    bb = {"num_layers": 8, "visual_tokens": N_VIS}
+    one = Plan(sites=[method_site("fastv", 2, 44)], backbone=bb)
+    two = Plan(sites=[method_site("fastv", 2, 44), method_site("fastv", 5, 20)], backbone=bb)
+    assert m.plan_ms(None, N_TEXT) == base.plan_ms(None, N_TEXT)  # the unreduced forward has no set-up
+    for plan in (one, two):
+        assert m.plan_ms(plan, N_TEXT) - base.plan_ms(plan, N_TEXT) == pytest.approx(0.5)
 
 
 def test_layer_time_interpolates_and_extrapolates_linearly():
@@ -141,6 +152,7 @@ def test_profile_measures_every_part_and_a_second_call_reads_the_cache(tmp_path)
     assert len(m.lengths) >= 2 and all(x > 0 for x in m.layer_ms) and m.fixed_ms >= 0
     assert {"attn/prune", "norm/prune", "grid", "bipartite"} <= set(m.op_ms)
     assert all(math.isfinite(v) and v >= 0 for v in m.op_ms.values())
+    assert m.setup_ms > 0  # timed in the forward with a site, once
     assert m.key["batch_size"] == 2 and m.key["dtype"] == "float32"
     again, path2, profiled2 = lat.latency_model(model, inputs, 6.0, root=tmp_path, progress=False)
     assert not profiled2 and path2 == path and again == m

@@ -268,11 +268,11 @@ def test_plot_handles_ties_and_rows_without_latency(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- scripts/bench.py
 
-def _bench():
+def _bench(script: str = "bench"):
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("diffopsearch_bench_script", path)
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"diffopsearch_{script}_script", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -280,12 +280,7 @@ def _bench():
 
 def test_bench_search_writes_a_preset_beside_the_defaults_section(tmp_path):
     """scripts/bench_search.py --preset NAME has its own section: writing it (twice) keeps the defaults' one."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_search.py"
-    spec = importlib.util.spec_from_file_location("diffopsearch_bench_search_script", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench("bench_search")
     out = tmp_path / "B.md"
     b, e = mod.markers(None)
     mod._write_section(out, f"{b}\ndefaults\n{e}\n")
@@ -295,6 +290,29 @@ def test_bench_search_writes_a_preset_beside_the_defaults_section(tmp_path):
     md = out.read_text()
     assert "defaults" in md and "second" in md and "first" not in md
     assert md.count("search-thorough:begin") == 1 and md.index("defaults") < md.index("second")
+
+
+def test_bench_latency_compares_accuracy_at_equal_measured_latency():
+    """scripts/bench_latency.py --search: a latency-searched plan against the FLOPs-searched plans' accuracy
+    interpolated at its measured latency ratio; outside their range it says so instead of extrapolating."""
+    from types import SimpleNamespace
+
+    mod = _bench("bench_latency")
+    assert mod.at_equal_latency(0.5, [(0.6, 0.95), (0.4, 0.90)])[0] == pytest.approx(0.925)
+    assert mod.at_equal_latency(0.3, [(0.4, 0.90), (0.6, 0.95)]) is None
+    plan = object()
+    plans = {"searched@0.5": (0.5, "searched", plan), "searched@0.2": (0.2, "searched", plan),
+             "searched@0.1": (0.1, "searched", None), "tome@0.5": (0.5, "tome", plan),
+             "flops@0.6": (0.6, mod.FLOPS_SEARCHED, plan), "flops@0.4": (0.4, mod.FLOPS_SEARCHED, plan)}
+    ratios = {"searched@0.5": 0.5, "searched@0.2": 0.3, "tome@0.5": 0.5, "flops@0.6": 0.6, "flops@0.4": 0.4}
+    measured = {"variants": {k: {"ratio": r} for k, r in ratios.items()}}
+    accuracy = {"searched@0.5": 0.93, "searched@0.2": 0.8, "flops@0.6": 0.95, "flops@0.4": 0.90}
+    lines = mod._equal_latency(SimpleNamespace(limit=500), 16, plans, measured, accuracy)
+    rows = [line for line in lines if line.startswith("| 0.")]
+    assert rows == ["| 0.5 | 0.500 | 93.0 | 92.5 | +0.5 |",
+                    "| 0.2 | 0.300 | 80.0 | outside the FLOPs-searched plans' range | - |",
+                    "| 0.1 | unreachable | - | - | - |"]
+    assert any("equal measured latency: 1 of 1" in line for line in lines)
 
 
 def test_bench_projection_to_llava_7b_scales_layers_and_keeps():
@@ -354,6 +372,10 @@ def test_bench_times_the_operator_inside_the_forward():
         with bench.instrumented(model, t, lambda: None):
             prefill(fwd, batch)
         assert t.vision > 0 and (t.op > 0) == has_op
+    stages = []  # the stages a forward with one site times: set-up once, the site's reduction, every layer
+    with P.stage_timer(lambda stage, seconds: stages.append(stage)):
+        prefill(apply_plan(model, plan), batch)
+    assert stages.count("setup") == 1 and stages.count("reduce") == 1 and stages.count("layer") == 4
     assert P.forward._RECORD is None and "get_image_features" not in model.model.__dict__  # all restored
 
 

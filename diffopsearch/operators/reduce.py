@@ -101,11 +101,11 @@ def topk_mask(scores: torch.Tensor, k) -> torch.Tensor:
     return ranks < k
 
 
-def _mask_to_index(mask: torch.Tensor, k: int, pos: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of the k True entries per row, in increasing position order."""
-    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
-    key = idx if pos is None else pos.gather(1, idx)
-    return idx.gather(1, key.argsort(dim=1))
+def _mask_to_index(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k True entries per row (every row has exactly k), increasing: position order, since a
+    segment's positions increase with the index. (One call, no sort: the reduction step is dispatch-bound
+    at batch 1, docs/DESIGN.md section 4.)"""
+    return mask.nonzero()[:, 1].view(mask.shape[0], k)
 
 
 def _grid_layout(coords: torch.Tensor):
@@ -125,14 +125,18 @@ def _grid_layout(coords: torch.Tensor):
 # ----------------------------------------------------------------------------- anchor rules
 
 class Anchors(NamedTuple):
-    index: torch.Tensor    # (B, k) anchor token indices, increasing position
-    receive: torch.Tensor  # (B, k) bool: anchor accepts merged mass
-    coords: torch.Tensor   # (B, k, 2) output / locality coordinate of each anchor
+    index: torch.Tensor           # (B, k) anchor token indices, increasing position
+    receive: torch.Tensor | None  # (B, k) bool: anchor accepts merged mass (None: every anchor does)
+    coords: torch.Tensor          # (B, k, 2) output / locality coordinate of each anchor
+    drop: torch.Tensor | None = None  # (B, n - k) the other tokens, increasing (None: hard_reduce finds them)
 
 
 def topk_anchors(scores, pos, coords, k) -> Anchors:
-    idx = _mask_to_index(topk_mask(scores, k), k, pos)
-    return Anchors(idx, torch.ones_like(idx, dtype=torch.bool), take_rows(coords, idx))
+    # one stable sort gives both sides: the k best (ties: lower index first) and the rest, each put back in
+    # index (= position) order
+    order = torch.argsort(scores.float(), dim=1, descending=True, stable=True)
+    idx = order[:, :k].sort(dim=1).values
+    return Anchors(idx, None, take_rows(coords, idx), order[:, k:].sort(dim=1).values)
 
 
 def grid_anchors(pos, coords, k) -> Anchors:
@@ -153,10 +157,10 @@ def grid_anchors(pos, coords, k) -> Anchors:
     cs = cell.gather(1, order)
     first = torch.ones_like(cs, dtype=torch.bool)
     first[:, 1:] = cs[:, 1:] != cs[:, :-1]
-    idx = _mask_to_index(torch.zeros_like(first).scatter(1, order, first), k, pos)
+    idx = _mask_to_index(torch.zeros_like(first).scatter(1, order, first), k)
     ic = cell.gather(1, idx)
     acoords = torch.stack([row_c[ic // gc], col_c[ic % gc]], dim=-1).to(coords.dtype)
-    return Anchors(idx, torch.ones_like(idx, dtype=torch.bool), acoords)
+    return Anchors(idx, None, acoords)
 
 
 def _band_centres(values: torch.Tensor, g: int) -> torch.Tensor:
@@ -184,8 +188,8 @@ def iqr_anchors(scores, pos, coords, k) -> Anchors:
     n_out = out.sum(1)
     fill = _even_fill(~out, (k - n_out).clamp_min(0))
     chosen = torch.where((n_out >= k)[:, None], topk_mask(s, k), out | fill)
-    idx = _mask_to_index(chosen, k, pos)
-    return Anchors(idx, torch.ones_like(idx, dtype=torch.bool), take_rows(coords, idx))
+    idx = _mask_to_index(chosen, k)
+    return Anchors(idx, None, take_rows(coords, idx))
 
 
 def dominant_anchors(scores, pos, coords, k) -> Anchors:
@@ -199,7 +203,7 @@ def dominant_anchors(scores, pos, coords, k) -> Anchors:
         target = rest & (t % step == 0) & (t // step < c)
     else:
         target = torch.zeros_like(dom)
-    idx = _mask_to_index(dom | target, k, pos)
+    idx = _mask_to_index(dom | target, k)
     return Anchors(idx, target.gather(1, idx), take_rows(coords, idx))
 
 
@@ -230,19 +234,21 @@ def assignment(keys_src, keys_anc, c_src, c_anc, sharpness, locality, allowed=No
     Infinite sharpness / locality give the one-hot argmax (locality wins if both are inf)."""
     B, m, k = c_src.shape[0], c_src.shape[1], c_anc.shape[1]
     hard_loc, hard_sim = _isinf(locality), _isinf(sharpness)
-    logits = torch.zeros(B, m, k, device=c_src.device)
+    logits = None  # a sum of the terms that are on; none on: zeros (an even share)
     if hard_loc or not is_zero(locality):
         d2 = (c_src.float()[:, :, None, :] - c_anc.float()[:, None, :, :]).pow(2).sum(-1)
-        logits = -d2 if hard_loc else logits - locality * d2
+        logits = -d2 if hard_loc else -locality * d2
     if not hard_loc and (hard_sim or not is_zero(sharpness)):
         if keys_src is None or keys_anc is None:
             raise ValueError("sharpness > 0 needs keys")
         cos = _normalize(keys_src) @ _normalize(keys_anc).transpose(-1, -2)
-        logits = cos if hard_sim else logits + sharpness * cos
+        logits = cos if hard_sim else sharpness * cos if logits is None else logits + sharpness * cos
+    if logits is None:
+        logits = torch.zeros(B, m, k, device=c_src.device)
     hard = hard_loc or hard_sim
-    if allowed is None:
-        allowed = torch.ones(B, 1, k, dtype=torch.bool, device=logits.device)
-    elif allowed.dim() == 2:
+    if allowed is None:  # every anchor receives: nothing to mask
+        return torch.nn.functional.one_hot(logits.argmax(-1), k).to(logits.dtype) if hard else logits.softmax(-1)
+    if allowed.dim() == 2:
         allowed = allowed[:, None, :]
     logits = logits.masked_fill(~allowed, float("-inf"))
     if hard:
@@ -295,9 +301,10 @@ def hard_reduce(x, keys, scores, pos, coords, sizes, site) -> Reduced:
     xa = take_rows(x, idx)
     sa = sizes.gather(1, idx).float()
     mu = site.merge
-    if _merges(mu) and bool(anc.receive.any()):
-        is_anchor = torch.zeros(B, n, dtype=torch.bool, device=x.device).scatter(1, idx, True)
-        drop = torch.argsort(is_anchor.to(torch.int8), dim=1, stable=True)[:, : n - k]
+    if _merges(mu) and (anc.receive is None or bool(anc.receive.any())):
+        drop = anc.drop
+        if drop is None:
+            drop = _mask_to_index(torch.ones(B, n, dtype=torch.bool, device=x.device).scatter_(1, idx, False), n - k)
         xd = take_rows(x, drop).float()
         sd = sizes.gather(1, drop).float()
         kd = None if keys is None else take_rows(keys, drop)

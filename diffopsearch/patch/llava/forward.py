@@ -30,9 +30,11 @@ _SYNC: Callable[[], None] | None = None
 @contextlib.contextmanager
 def stage_timer(record: Callable[[str, float], None], sync: Callable[[], None] | None = None):
     """For as long as the block runs, every reduced forward calls ``record(stage, seconds)`` after each
-    timed stage: ``"reduce"``, one site's reduction step (its scores, similarity keys, ``hard_reduce`` and the
-    splice back into the sequence) and the CLS score read from the vision tower's q/k; ``"layer"``, one
-    decoder layer's call (the latency model's per-layer time, measured where it runs). ``sync`` (e.g.
+    timed stage: ``"reduce"``, one site's reduction step (its scores, similarity keys, ``hard_reduce``, the
+    splice back into the sequence and the rotary tables of the shortened sequence) and the CLS score read
+    from the vision tower's q/k; ``"setup"``, what a forward with sites does once before the first (find the
+    visual segment, its grid coordinates and sizes); ``"layer"``, one decoder layer's call (the latency
+    model's per-layer time, measured where it runs). ``sync`` (e.g.
     ``torch.cuda.synchronize``) runs before and after each stage, so asynchronous devices are timed too.
     Off (the default), a stage costs one ``is None`` check."""
     global _RECORD, _SYNC
@@ -181,7 +183,8 @@ def run(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, posit
                orig=torch.arange(T, device=device)[None].expand(B, T), bias=None)
     vis = None
     if hard_sites and special is not None and bool(special.any()):
-        vis = _visual_state(model, special, n_expected, vfss, cls)
+        with _stage("setup"):
+            vis = _visual_state(model, special, n_expected, vfss, cls)
     by_layer_hard = {s.layer: s for s in hard_sites} if vis is not None else {}
 
     # ---- hooks: layer l-1's q (last token) and k for every site at l > 0
@@ -207,7 +210,7 @@ def run(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, posit
                                      query_index)
                     keys = _keys(l, seq, vis, cap, layers)
                     seq, vis = _apply_hard(seq, vis, site, scores, keys)
-                cos, sin = lm.rotary_emb(seq.h, position_ids=seq.pos)
+                    cos, sin = lm.rotary_emb(seq.h, position_ids=seq.pos)
                 dirty = True
             if dirty:
                 mask = build_mask(seq.kpm, seq.bias, seq.h.shape[1], impl, dtype)

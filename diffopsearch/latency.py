@@ -8,8 +8,8 @@ position's logits. The model splits it into
 - ``layer_ms(length)``: one decoder layer's time on a batch of sequences of that length, measured where it
   runs (inside the reduced forward, :func:`diffopsearch.patch.llava.stage_timer`'s "layer" stage) on a grid
   of lengths from the text alone to the unreduced length, interpolated linearly;
-- ``fixed_ms``: what no plan shortens (vision tower, projector, embeddings, masks, logits): the forward
-  without sites minus its decoder layers;
+- ``fixed_ms``: what no plan shortens (vision tower, projector, embeddings, masks, logits): a forward's
+  time outside its decoder layers and reduction steps, the median over every profiled forward;
 - ``op_call_ms[kind] + op_ms[kind] * n_in``: each operator kind's own time at a site with ``n_in`` visual
   tokens in (the "reduce" stage of a real forward, measured at n and n/2 tokens in): a per-site constant
   (calls and kernel launches, which dominate at batch 1) plus a per-token slope;
@@ -168,11 +168,12 @@ def load_cached(path: Path, key: dict) -> LatencyModel | None:
 
 # ---------------------------------------------------------------- profiling
 
-def _paired(fwd, model, inputs, sync, repeats: int, refs: list) -> dict:
+def _paired(fwd, model, inputs, sync, repeats: int, refs: list, rests: list) -> dict:
     """Per-stage and total times of ``fwd``'s prefill (:func:`diffopsearch.patch.llava.stage_timer`) as
     fractions of the plain transformers forward run just before it in the same round: the median over
     ``repeats`` rounds. Pairing cancels the slow drift of a shared machine (this one's timings wander by
-    10-20% over a minute); the reference times themselves go to ``refs``."""
+    10-20% over a minute); the reference times themselves go to ``refs``, and each round's time outside
+    the timed stages (what no plan shortens) to ``rests``."""
     from .evaluate import prefill
     from .patch.llava import stage_timer
 
@@ -196,6 +197,7 @@ def _paired(fwd, model, inputs, sync, repeats: int, refs: list) -> dict:
             sync()
             acc["total"] = time.perf_counter() - t0
         runs.append({k: v / ref for k, v in acc.items()})
+        rests.append((acc["total"] - acc["layer"] - acc["reduce"] - acc["setup"]) / ref)
     return {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
 
 
@@ -232,13 +234,13 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
         "bipartite": Site(1, n_visual - n_visual // 4, "none", "bipartite", merge=1.0, reweight=1.0),
     }
     bar = _bar(progress, len(keeps) + 1 + 2 * len(kinds))
-    lengths, layer_frac, op_frac, small_frac, refs, loop_frac = [], [], {}, {}, [], 1.0
+    lengths, layer_frac, op_frac, small_frac, refs, rests, loop_frac = [], [], {}, {}, [], [], 1.0
     try:
         prefill(model, inputs)  # warm-up of the reference
         for k in keeps:
             sites = [Site(0, k, "random")] if k < n_visual else []
             st = _paired(apply_plan(model, Plan(sites=sites, backbone=backbone)), model, inputs, sync, OP_REPEATS,
-                         refs)
+                         refs, rests)
             lengths.append(T - n_visual + k)
             layer_frac.append(st["layer"] / L)
             if not sites:
@@ -247,7 +249,7 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
         # each kind at two sizes: all n tokens in, and n/2 after a random prune before layer 0 (whose own
         # time, measured alone, is subtracted): a per-site constant plus a per-token slope
         pre = Site(0, half, "random")
-        st = _paired(apply_plan(model, Plan(sites=[pre], backbone=backbone)), model, inputs, sync, OP_REPEATS, refs)
+        st = _paired(apply_plan(model, Plan(sites=[pre], backbone=backbone)), model, inputs, sync, OP_REPEATS, refs, rests)
         base, setup_frac = st["reduce"], st["setup"]
         bar.advance()
         for kind, site in kinds.items():
@@ -255,13 +257,13 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
                 bar.advance(2)
                 continue
             st = _paired(apply_plan(model, Plan(sites=[site], backbone=backbone)), model, inputs, sync, OP_REPEATS,
-                         refs)
+                         refs, rests)
             op_frac[kind] = st["reduce"]
             bar.advance()
             if kind != "grid":  # a grid cannot follow a top-k site: one size only
                 smaller = dataclasses.replace(site, keep=max(1, site.keep * half // n_visual))
                 st = _paired(apply_plan(model, Plan(sites=[pre, smaller], backbone=backbone)), model, inputs, sync,
-                             OP_REPEATS, refs)
+                             OP_REPEATS, refs, rests)
                 small_frac[kind] = max(0.0, st["reduce"] - base)
             bar.advance()
     finally:
@@ -269,7 +271,9 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
     ref_ms = 1e3 * sorted(refs)[len(refs) // 2]
     layer_ms = [f * ref_ms for f in layer_frac]
     loop_ms = loop_frac * ref_ms
-    fixed = max(0.0, loop_ms - L * layer_ms[-1])
+    # what no plan shortens, from every profiled forward (not the one without sites alone: a single
+    # paired measurement moved it by a few % of the prefill, and with it every prediction)
+    fixed = sorted(rests)[len(rests) // 2] * ref_ms
     per, call = {}, {}
     for kind, f in op_frac.items():  # t(n_in) = call + per * n_in through (n, t_n) and (n/2, t_half)
         t_n, t_half = f * ref_ms, small_frac.get(kind, f / 2) * ref_ms
@@ -277,7 +281,7 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
         call[kind] = max(0.0, t_n - per[kind] * n_visual)
     return LatencyModel(key=model_key(model, B, device), lengths=lengths, layer_ms=layer_ms, num_layers=L,
                         fixed_ms=fixed, op_ms=per, op_call_ms=call, setup_ms=setup_frac * ref_ms,
-                        n_visual=n_visual, n_text=float(n_text), reference_offset_ms=ref_ms - loop_ms,
+                        n_visual=n_visual, n_text=float(n_text), reference_offset_ms=ref_ms - fixed - L * layer_ms[-1],
                         seconds=round(time.time() - t_start, 2),
                         measured={"full_prefill_ms": ref_ms, "loop_prefill_ms": loop_ms,
                                   "op_ms_at_layer1": {k: f * ref_ms for k, f in op_frac.items()},

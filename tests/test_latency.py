@@ -153,6 +153,10 @@ def test_profile_measures_every_part_and_a_second_call_reads_the_cache(tmp_path)
     assert {"attn/prune", "norm/prune", "grid", "bipartite"} <= set(m.op_ms)
     assert all(math.isfinite(v) and v >= 0 for v in m.op_ms.values())
     assert m.setup_ms > 0  # timed in the forward with a site, once
+    # at the profiled length the unreduced prediction is the measured reference itself (the offset closes the
+    # model's sum on it, whatever the fixed part's estimate)
+    full_length_text = m.lengths[-1] - m.n_visual
+    assert m.plan_ms(None, full_length_text) + m.reference_offset_ms == pytest.approx(m.measured["full_prefill_ms"])
     assert m.key["batch_size"] == 2 and m.key["dtype"] == "float32"
     again, path2, profiled2 = lat.latency_model(model, inputs, 6.0, root=tmp_path, progress=False)
     assert not profiled2 and path2 == path and again == m

@@ -407,6 +407,9 @@ def main(argv: Optional[list] = None) -> int:
         code = UserError.exit_code
     finally:
         sys.argv = saved_argv
+        from .runtime import close_process_group
+
+        close_process_group()
     if code == 0 and _STATE.sweep_dir and _prints_closing_block():
         from .console import sweep_block
 

@@ -80,6 +80,20 @@ def to_device(inputs: dict, device, dtype) -> dict:
     return out
 
 
+def close_process_group() -> None:
+    """Tear down the torch.distributed process group a multi-process run set up (a no-op otherwise).
+    Exiting with gloo's threads still alive can abort a process ("terminate called without an active
+    exception"), which the launcher reports as a failed run; torch asks for this call before exit."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # nothing was set up: do not import torch for it
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def make_accelerator(device: str = "auto"):
     """The Accelerator of a run (``device``: auto | cpu | cuda). On a machine without CUDA it must be told
     ``cpu=True``: otherwise, started by torchrun / ``accelerate launch --multi_gpu``, every process

@@ -264,6 +264,22 @@ def test_the_job_relaunches_itself_when_asked(capsys, bodies, monkeypatch, tmp_p
 
 
 @pytest.mark.slow
+def test_the_cli_tears_down_a_process_group_before_it_exits(tmp_path):
+    """A multi-process run's gloo group is destroyed when the command returns: exiting with its threads alive
+    aborted a rank once in CI ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    from diffopsearch.runtime import close_process_group
+
+    close_process_group()  # nothing set up: a no-op
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert cli.main(["eval", "budget=7"]) == 2 and not dist.is_initialized()  # bad input, exit 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_launch_accelerate_really_relaunches_with_two_processes(tmp_path, assets):
     """No mock: `eval launch.accelerate=true launch.num_processes=2` re-runs itself under `accelerate launch`
     (two CPU processes, gloo; a free port through accelerate's own default is not guaranteed, so one is

@@ -17,11 +17,11 @@ position's logits. The model splits it into
   segment and its grid).
 
 A plan's predicted time is ``fixed + setup (if it has sites) + sum over layers of layer_ms(n_text + visual
-tokens in that layer) + sum over sites of (op_call_ms[kind] + op_ms[kind] * tokens in)``; its ratio divides by the unreduced
-model's prefill as users run it (the plain transformers forward, measured: ``reference_offset_ms`` is its
-difference from the forward without sites). The model is keyed by (device, backbone, dtype, batch size,
-attention implementation, torch version) and stored under the cache dir; a file that is damaged or made
-for another key is rebuilt, with a warning.
+tokens in that layer) + sum over sites of (op_call_ms[kind] + op_ms[kind] * tokens in)``; its ratio divides by
+the unreduced model's prefill as users run it (the plain transformers forward, measured:
+``reference_offset_ms`` closes the model's unreduced sum on it). The model is keyed by (device, backbone,
+dtype, batch size, attention implementation, torch version) and stored under the cache dir; a file that is
+damaged or made for another key is rebuilt, with a warning.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class LatencyModel:
     op_ms: dict[str, float]          # kind -> ms per visual token entering the site
     n_visual: int
     n_text: float                    # the profiling batch's mean text tokens (the unreduced reference)
-    reference_offset_ms: float = 0.0  # the plain transformers forward minus this project's forward, no sites
+    reference_offset_ms: float = 0.0  # the plain transformers forward minus the model's unreduced sum
     op_call_ms: dict = field(default_factory=dict)  # kind -> ms per site whatever its size (calls, launches)
     setup_ms: float = 0.0            # once per forward with sites, before the first
     seconds: float = 0.0             # how long profiling took
@@ -249,7 +249,8 @@ def profile(model, inputs: dict, n_text: float, progress: bool = True) -> Latenc
         # each kind at two sizes: all n tokens in, and n/2 after a random prune before layer 0 (whose own
         # time, measured alone, is subtracted): a per-site constant plus a per-token slope
         pre = Site(0, half, "random")
-        st = _paired(apply_plan(model, Plan(sites=[pre], backbone=backbone)), model, inputs, sync, OP_REPEATS, refs, rests)
+        st = _paired(apply_plan(model, Plan(sites=[pre], backbone=backbone)), model, inputs, sync, OP_REPEATS,
+                     refs, rests)
         base, setup_frac = st["reduce"], st["setup"]
         bar.advance()
         for kind, site in kinds.items():

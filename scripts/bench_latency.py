@@ -197,8 +197,8 @@ def _equal_latency(a, bs: int, plans: dict, measured: dict, accuracy: dict) -> l
     ratio = lambda key: measured["variants"][key]["ratio"]  # noqa: E731
     flops = [(ratio(k), accuracy[k]) for k, (_, name, p) in plans.items()
              if name == FLOPS_SEARCHED and p is not None and accuracy.get(k) is not None]
-    out = [f"Accuracy at equal measured latency, batch {bs} (the first {a.limit} test questions; latency-searched plans "
-           f"searched for batch {bs}; FLOPs-searched plans' measured ratios at this batch size: "
+    out = [f"Accuracy at equal measured latency, batch {bs} (the first {a.limit} test questions; latency-searched "
+           f"plans searched for batch {bs}; FLOPs-searched plans' measured ratios at this batch size: "
            f"{', '.join(f'{x:.3f}' for x, _ in sorted(flops))}):", "",
            "| budget | latency-searched: measured ratio | its accuracy (%) | FLOPs-searched at that ratio (%) | "
            "difference (points) |", "|---|---|---|---|---|"]

@@ -76,12 +76,12 @@ def main(argv=None) -> int:
     test = load_from_config(cfg.dataset, limit=64)
     n_visual, grid = visual_token_count(model.config)
     n_text = mean_prompt_text_tokens(proc, test)
-    blocks, accuracy, flops = [], {}, {}
+    blocks, flops = [], {}
     if a.search:  # FLOPs-searched plans first: what each batch size measures, away from its profiling
         flops = {budget: _search(budget, work, a.limit) for budget in budgets}
     for bs in sizes:
         lm, _, _ = for_dataset(model, proc, test, bs, n_text, progress=False, refresh=True)
-        plans = {}
+        plans, accuracy = {}, {}  # accuracy: of the searched plans, by the plans' key
         for budget in budgets:
             for name in BASELINES:
                 try:
@@ -91,17 +91,17 @@ def main(argv=None) -> int:
                     plans[f"{name}@{budget:g}"] = (budget, name, None)
             if a.search:  # the search reads the latency model just profiled (same key, from the cache)
                 key = f"searched@{budget:g}"
-                plan, accuracy[(bs, key)] = _search(budget, work, a.limit, latency_bs=bs)
+                plan, accuracy[key] = _search(budget, work, a.limit, latency_bs=bs)
                 plans[key] = (budget, "searched", plan)
         for budget, (plan, acc) in flops.items():  # timed at this batch size too
-            accuracy[(bs, f"flops@{budget:g}")] = acc
+            accuracy[f"flops@{budget:g}"] = acc
             plans[f"flops@{budget:g}"] = (budget, FLOPS_SEARCHED, plan)
         variants = {"unreduced (transformers)": model}
         variants.update({k: apply_plan(model, p) for k, (_, _, p) in plans.items() if p is not None})
         ns = SimpleNamespace(work=work / f"bs{bs}", fresh=True, seed=0, rounds=a.rounds, latency_batch_sizes=[bs])
         ns.work.mkdir(parents=True, exist_ok=True)
         measured = bench.measure_latency(ns, model, proc, test, variants, key=f"bs{bs}")["by_batch"][str(bs)]
-        blocks.append((bs, lm, plans, measured, {k: v for (b, k), v in accuracy.items() if b == bs}))
+        blocks.append((bs, lm, plans, measured, accuracy))
     doc = _document(a, argv, budgets, blocks, bench.machine_info("cpu"), time.time() - t_all, torch.get_num_threads())
     _write_section(Path(a.out), doc)
     print(doc)

@@ -245,16 +245,14 @@ def assignment(keys_src, keys_anc, c_src, c_anc, sharpness, locality, allowed=No
         logits = cos if hard_sim else sharpness * cos if logits is None else logits + sharpness * cos
     if logits is None:
         logits = torch.zeros(B, m, k, device=c_src.device)
-    hard = hard_loc or hard_sim
-    if allowed is None:  # every anchor receives: nothing to mask
-        return torch.nn.functional.one_hot(logits.argmax(-1), k).to(logits.dtype) if hard else logits.softmax(-1)
-    if allowed.dim() == 2:
-        allowed = allowed[:, None, :]
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    if hard:
-        return torch.nn.functional.one_hot(logits.argmax(-1), k).to(logits.dtype) * allowed.any(-1, keepdim=True)
+    if allowed is not None:  # None: every anchor receives, nothing to mask
+        allowed = allowed[:, None, :] if allowed.dim() == 2 else allowed
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if hard_loc or hard_sim:
+        p = torch.nn.functional.one_hot(logits.argmax(-1), k).to(logits.dtype)
+        return p if allowed is None else p * allowed.any(-1, keepdim=True)
     p = logits.softmax(-1)
-    return torch.nan_to_num(p, nan=0.0)  # a source with no allowed anchor flows nowhere
+    return p if allowed is None else torch.nan_to_num(p, nan=0.0)  # a source with no allowed anchor flows nowhere
 
 
 # ----------------------------------------------------------------------------- hard mode

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     def plan_of(sites):
         return Plan.from_dict({"format": FORMAT, "backbone": backbone, "sites": sites})
 
-    rows, curves = {}, {}
+    rows, curves, steps_at = {}, {}, {}
     for budget in budgets:
         for seed in seeds:
             tag = f"b{budget}-s{seed}"
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
             train, held = hold_out(train, n_held, seed)
             space = make_space(model.config)
             settings = settings_from(cfg)
+            steps_at[budget] = settings.steps
             n_text = mean_prompt_text_tokens(proc, train)
             planner = Planner(space, backbone, budget, model.config.text_config, n_text)
 
@@ -240,7 +241,8 @@ def main(argv=None) -> int:
         base[budget] = best
     none = test_score(None)
     check = cached(work, f"check-generate-{min(len(test), 500)}", lambda: _generate_check(model, proc, test, 500))
-    doc = _document(a, argv, budgets, seeds, rows, base, none, check, len(test), time.time() - t_all, settings_from(cfg0))
+    doc = _document(a, argv, budgets, seeds, rows, base, none, check, len(test), time.time() - t_all, settings_from(cfg0),
+                    steps_at)
     _write_section(Path(a.out), doc, a.preset)
     if curves and not a.preset:
         _figure(curves, Path(a.figure))
@@ -263,20 +265,22 @@ def _stat(xs):
     return f"{statistics.mean(xs):.2f} ± {statistics.pstdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
-def _document(a, argv, budgets, seeds, rows, base, none, check, n_test, total_s, settings) -> str:
+def _document(a, argv, budgets, seeds, rows, base, none, check, n_test, total_s, settings, steps_at) -> str:
     shown = [x for i, x in enumerate(argv or []) if x != "--note" and (i == 0 or (argv or [])[i - 1] != "--note")]
     cmd = "OMP_NUM_THREADS=2 python scripts/bench_search.py " + " ".join(shlex.quote(x) for x in shown)
     se = 100 * math.sqrt(none["accuracy"] * (1 - none["accuracy"]) / n_test)
     begin, end = markers(a.preset)
     title = "## Does the gradient phase find the plan?" + (f" With `search={a.preset}`" if a.preset else "")
     what = f"Search settings (`search={a.preset}`)" if a.preset else "Search defaults"
+    steps = (f"{next(iter(steps_at.values()))}" if len(set(steps_at.values())) == 1 else
+             ", ".join(f"{n} at budget {b:g}" for b, n in steps_at.items()) + " (`search.scale_steps`)")
     out = [begin, "", title, "",
            f"Made by `{cmd.strip()}` on this machine (2 CPU cores): this run took {total_s / 60:.0f} min, measured "
            f"{CACHE['runs']} pieces and read {CACHE['hits']} from `--work` (measured there by earlier runs of the same "
            f"procedure). {a.note + ' ' if a.note else ''}The toy backbone, "
            f"the whole test split ({n_test} questions), budgets {', '.join(f'{b:g}' for b in budgets)}, search seeds "
            f"{', '.join(map(str, seeds))}; mean ± spread (population std) over seeds. {what}: "
-           f"{settings.steps} steps of {settings.plans_per_step} plans on {settings.batch_size} questions, "
+           f"{steps} steps of {settings.plans_per_step} plans on {settings.batch_size} questions, "
            f"loss `{settings.loss}`. One standard error of an accuracy here is about {se:.2f} points. "
            "\"question-forwards\": reduced forwards of one question each method spent choosing its plan; "
            "\"s\": its wall time (loading and the test-split evaluation excluded).", ""]

@@ -18,7 +18,7 @@ from diffopsearch.errors import UserError
 from diffopsearch.search import search_plan
 from diffopsearch.search.checkpoint import CKPT_DIR
 from diffopsearch.search.loop import (LOG_NAME, SearchSettings, leave_one_out, plan_losses, plan_reward,
-                                      policy_objective, question_reward, reference_logprobs)
+                                      policy_objective, question_reward, reference_logprobs, scaled_steps)
 from diffopsearch.search.policy import ArchState, Knobs, Policy
 from diffopsearch.search.space import OPS, Choice, Planner, SearchSpace, corner_choices, make_space
 
@@ -206,6 +206,17 @@ def test_decode_pair_is_the_decoded_first_site_with_its_greedy_second_site():
 
 
 # ---------------------------------------------------------------- the loop
+
+def test_steps_scale_below_budget_0_6_and_a_preset_can_turn_it_off():
+    from diffopsearch.commands.search import settings_from
+    from diffopsearch.config import compose
+
+    assert [scaled_steps(80, b) for b in (1.0, 0.8, 0.6, 0.4, 0.25, 0.2, 0.05)] == [80, 80, 80, 120, 192, 240, 240]
+    assert scaled_steps(80, 0.25, scale=False) == 80
+    assert settings_from(compose("search", ["budget=0.4"])).steps == 120
+    assert settings_from(compose("search", ["budget=0.4", "search.scale_steps=false"])).steps == 80
+    assert settings_from(compose("search", ["budget=0.25", "search=thorough"])).steps == 150  # what it measured
+
 
 def test_search_gives_a_plan_under_budget_deterministic_for_a_seed(tmp_path, tiny4, train):
     model, proc = tiny4

@@ -76,7 +76,7 @@ class SearchConfig:
     """The search (search/loop.py; docs/DESIGN.md section 3). Defaults sized for the toy backbone on 2 CPU
     cores (the 3-minute default command); ``search=thorough`` is the longer preset for GPUs."""
 
-    steps: int = 80  # at budgets >= 0.6; below, times scale_steps' factor (search/loop.py, scaled_steps)
+    steps: int = 80  # at budgets >= 0.6; below, scale_steps raises it (search/loop.py, scaled_steps)
     scale_steps: bool = True  # below budget 0.6, run 0.6 / budget times the steps (at most 3x): a step there is
     # cheaper (shorter sequences) and its decisions finer, so the command's time stays about the same
     batch_size: int = 8  # questions per step, shared by the step's plans

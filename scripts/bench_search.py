@@ -241,8 +241,8 @@ def main(argv=None) -> int:
         base[budget] = best
     none = test_score(None)
     check = cached(work, f"check-generate-{min(len(test), 500)}", lambda: _generate_check(model, proc, test, 500))
-    doc = _document(a, argv, budgets, seeds, rows, base, none, check, len(test), time.time() - t_all, settings_from(cfg0),
-                    steps_at)
+    doc = _document(a, argv, budgets, seeds, rows, base, none, check, len(test), time.time() - t_all,
+                    settings_from(cfg0), steps_at)
     _write_section(Path(a.out), doc, a.preset)
     if curves and not a.preset:
         _figure(curves, Path(a.figure))

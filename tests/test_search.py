@@ -339,7 +339,7 @@ def test_cli_search_one_and_two_processes(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     plan = json.loads((tmp_path / "one" / "plan.json").read_text())
     results = json.loads((tmp_path / "one" / "results.json").read_text())
-    assert plan["cost"]["flops_ratio"] <= 0.5 and plan["search"]["steps"] == 3
+    assert plan["cost"]["flops_ratio"] <= 0.5 and plan["search"]["steps"] == scaled_steps(3, 0.5) == 4
     assert results["n"] == 6 and results["flops_ratio"] <= 0.5
     assert [r["method"] for r in results["baselines"]][:2] == ["search", "none"]
     assert "search vs baselines" in one.stdout
@@ -358,7 +358,7 @@ def test_cli_search_one_and_two_processes(tmp_path):
     res2 = json.loads((tmp_path / "two" / "results.json").read_text())
     assert plan2["cost"]["flops_ratio"] <= 0.5 and res2["n"] == 6 and res2["throughput"]["processes"] == 2
     log = [json.loads(x) for x in (tmp_path / "two" / LOG_NAME).read_text().splitlines()]
-    assert [r["step"] for r in log] == [0, 1, 2]  # one writer
+    assert [r["step"] for r in log] == [0, 1, 2, 3]  # one writer
     # the two halves of each step's batch average to the single-process gradient: same trajectory
     log1 = [json.loads(x) for x in (tmp_path / "one" / LOG_NAME).read_text().splitlines()]
     assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in log1], rel=1e-4)

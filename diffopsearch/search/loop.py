@@ -102,8 +102,8 @@ STEP_SCALE_BUDGET, STEP_SCALE_MAX = 0.6, 3.0
 def scaled_steps(steps: int, budget: float, scale: bool = True) -> int:
     """The steps a search runs: ``steps`` at budgets >= 0.6, and ``0.6 / budget`` times as many below (at most
     3x). A step at a small budget runs shorter sequences, so it is cheaper, while its decisions (which second
-    site, which merge) are finer. Measured on the toy validation split (never the test split), seeds 0-2 at
-    budget 0.4: 120 steps gave 94.9% against 94.3% for 80 (docs/DESIGN.md section 3)."""
+    site, which merge) are finer. Chosen on the toy validation split, never the test split (docs/DESIGN.md
+    section 3, "Presets")."""
     if not scale or budget >= STEP_SCALE_BUDGET:
         return int(steps)
     return int(round(steps * min(STEP_SCALE_MAX, STEP_SCALE_BUDGET / budget)))

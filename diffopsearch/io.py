@@ -60,6 +60,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, write)
 
 
+def replace_block(path: str | os.PathLike, begin: str, end: str, block: str) -> Path:
+    """Write ``block`` (which starts with ``begin`` and ends with ``end``) over the file's part from ``begin`` to
+    ``end``, or append it when the file has none (the benchmark scripts' sections of BENCHMARKS.md); atomic."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8") if p.exists() else ""
+    block = block.strip("\n")
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
+    return atomic_write_text(p, text)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 

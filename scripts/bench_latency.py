@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     from diffopsearch.data.datasets import load_from_config
     from diffopsearch.errors import UserError
     from diffopsearch.evaluate import mean_prompt_text_tokens, visual_token_count
+    from diffopsearch.io import replace_block
     from diffopsearch.latency import for_dataset
     from diffopsearch.patch.llava import apply_plan
 
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         measured = bench.measure_latency(ns, model, proc, test, variants, key=f"bs{bs}")["by_batch"][str(bs)]
         blocks.append((bs, lm, plans, measured, accuracy))
     doc = _document(a, argv, budgets, blocks, bench.machine_info("cpu"), time.time() - t_all, torch.get_num_threads())
-    _write_section(Path(a.out), doc)
+    replace_block(Path(a.out), BEGIN, END, doc)
     print(doc)
     return 0
 
@@ -176,9 +177,9 @@ def _document(a, argv, budgets, blocks, machine, total_s, threads) -> str:
             n_all, n_ok = n_all + 1, n_ok + ok
             under = "-"  # a FLOPs-searched plan has a FLOPs budget, not a latency one
             if name != FLOPS_SEARCHED:
-                n_sized += 1
-                n_under += m["ratio"] <= OVER * budget
-                under = "yes" if m["ratio"] <= OVER * budget else "no"
+                fits = m["ratio"] <= OVER * budget
+                n_sized, n_under = n_sized + 1, n_under + fits
+                under = "yes" if fits else "no"
             label = f"**{name}**" if name == "searched" else name
             out.append(f"| {budget:g} | {label} | {plan.cost['flops_ratio']:.3f} | {pred:.3f} | {m['ratio']:.3f} | "
                        f"{100 * err:.1f}% | {'yes' if ok else 'no'} | {under} | {100 * m['op_share']:.1f} |")
@@ -220,17 +221,6 @@ def _equal_latency(a, bs: int, plans: dict, measured: dict, accuracy: dict) -> l
     out += ["", f"Latency-searched accuracy >= FLOPs-searched at equal measured latency: {wins} of {n}. One standard "
                 f"error of an accuracy near 95% on {a.limit} questions is about {se:.1f} points.", ""]
     return out
-
-
-def _write_section(path: Path, section: str) -> None:
-    from diffopsearch.io import atomic_write_text
-
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write_text(path, text)
 
 
 if __name__ == "__main__":

@@ -320,15 +320,9 @@ def markers(preset: str | None) -> tuple[str, str]:
 
 
 def _write_section(path: Path, section: str, preset: str | None = None) -> None:
-    from diffopsearch.io import atomic_write_text
+    from diffopsearch.io import replace_block
 
-    begin, end = markers(preset)
-    text = path.read_text() if path.exists() else ""
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + section.rstrip("\n") + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text)
+    replace_block(path, *markers(preset), section)
 
 
 def _figure(curves: dict, path: Path) -> None:

@@ -843,14 +843,9 @@ def _dims_from(t: dict) -> dict:
 
 
 def write_section(path: Path, body: str) -> None:
-    from diffopsearch.io import atomic_write_text
+    from diffopsearch.io import replace_block
 
-    text = path.read_text() if path.exists() else ""
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + f"{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    atomic_write_text(path, f"{head}{BEGIN}\n{body}\n{END}{tail}")
+    replace_block(path, BEGIN, END, f"{BEGIN}\n{body}\n{END}")
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -105,3 +105,16 @@ def test_a_crash_while_writing_leaves_the_old_file_and_no_temporary(tmp_path, mo
             io.atomic_write(target, half_then_crash)
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_replace_block_replaces_only_its_own_block_and_appends_a_missing_one(tmp_path):
+    from diffopsearch.io import replace_block
+
+    p = tmp_path / "B.md"
+    replace_block(p, "<!-- a:begin -->", "<!-- a:end -->", "<!-- a:begin -->\none\n<!-- a:end -->\n")
+    assert p.read_text() == "<!-- a:begin -->\none\n<!-- a:end -->\n"
+    p.write_text("# head\n\n<!-- a:begin -->\none\n<!-- a:end -->\n\ntail\n")
+    replace_block(p, "<!-- a:begin -->", "<!-- a:end -->", "<!-- a:begin -->\ntwo\n<!-- a:end -->")
+    assert p.read_text() == "# head\n\n<!-- a:begin -->\ntwo\n<!-- a:end -->\n\ntail\n"
+    replace_block(p, "<!-- b:begin -->", "<!-- b:end -->", "<!-- b:begin -->\nnew\n<!-- b:end -->")
+    assert p.read_text() == "# head\n\n<!-- a:begin -->\ntwo\n<!-- a:end -->\n\ntail\n\n<!-- b:begin -->\nnew\n<!-- b:end -->\n"

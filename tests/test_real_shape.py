@@ -316,6 +316,8 @@ def test_one_loop_step_is_the_same_with_checkpointing_and_micro_batches(real):
     variants = [dict(checkpoint_layers=True), dict(checkpoint_layers=True, micro_batch=2), dict(micro_batch=1)]
     for kw in variants:
         other_losses, other_grads = step(**kw)
-        assert other_losses == pytest.approx(losses, rel=1e-4, abs=1e-6), kw
+        # float32 sums in another order (micro-batches, threads): 1e-4 apart at this width; a lost micro-batch
+        # or a wrong recomputation is off by far more than 5e-4
+        assert other_losses == pytest.approx(losses, rel=5e-4, abs=1e-6), kw
         for g, h in zip(grads, other_grads):
-            torch.testing.assert_close(h, g, rtol=1e-4, atol=1e-6, msg=lambda m, kw=kw: f"{kw}: {m}")
+            torch.testing.assert_close(h, g, rtol=5e-4, atol=1e-6, msg=lambda m, kw=kw: f"{kw}: {m}")

@@ -66,6 +66,15 @@ def test_layer_time_interpolates_and_extrapolates_linearly():
         assert m.layer_time(n) == pytest.approx(1.0 + 0.05 * n)
 
 
+def test_layer_times_are_fitted_non_decreasing():
+    """A dip in the measured curve is pooled with its neighbours (least squares); a rising curve is kept."""
+    assert lat.nondecreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert lat.nondecreasing([1.0, 3.0, 2.0, 4.0]) == pytest.approx([1.0, 2.5, 2.5, 4.0])
+    assert lat.nondecreasing([0.6, 1.7, 1.4, 1.3, 2.0]) == pytest.approx([0.6, 1.4666667, 1.4666667, 1.4666667, 2.0])
+    fit = lat.nondecreasing([3.0, 1.0, 2.0])
+    assert fit == sorted(fit) and sum(fit) == pytest.approx(6.0)
+
+
 # ---------------------------------------------------------------- plans sized by it
 
 @pytest.mark.parametrize("budget", [0.6, 0.75, 0.9])
@@ -150,6 +159,8 @@ def test_profile_measures_every_part_and_a_second_call_reads_the_cache(tmp_path)
     m, path, profiled = lat.latency_model(model, inputs, 6.0, root=tmp_path, progress=False)
     assert profiled and path.is_file() and path.parent == tmp_path / "latency"
     assert len(m.lengths) >= 2 and all(x > 0 for x in m.layer_ms) and m.fixed_ms >= 0
+    assert m.layer_ms == sorted(m.layer_ms)  # the fit of m.measured["layer_ms_raw"]
+    assert len(m.measured["layer_ms_raw"]) == len(m.lengths)
     assert {"attn/prune", "norm/prune", "grid", "bipartite"} <= set(m.op_ms)
     assert all(math.isfinite(v) and v >= 0 for v in m.op_ms.values())
     assert m.setup_ms > 0  # timed in the forward with a site, once

@@ -79,7 +79,9 @@ class SearchConfig:
     steps: int = 80  # at budgets >= 0.6; below, scale_steps raises it (search/loop.py, scaled_steps)
     scale_steps: bool = True  # below budget 0.6, run 0.6 / budget times the steps (at most 3x): a step there is
     # cheaper (shorter sequences) and its decisions finer, so the command's time stays about the same
-    batch_size: int = 8  # questions per step, shared by the step's plans
+    batch_size: int = 8  # questions per step, shared by the step's plans; below budget 0.3, scale_batch doubles it
+    scale_batch: bool = True  # (search/loop.py, scaled_batch): there the first site's choice is closer than 8
+    # questions' noise
     plans_per_step: int = 8  # hard plans drawn from the policy per step (leave-one-out baseline)
     knob_plans: int = 2  # the step's best plans whose loss is backpropagated into the knobs
     lr: float = 0.15  # policy logits (Adam)

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             train, held = hold_out(train, n_held, seed)
             space = make_space(model.config)
             settings = settings_from(cfg)
-            steps_at[budget] = settings.steps
+            steps_at[budget] = (settings.steps, settings.batch_size)
             n_text = mean_prompt_text_tokens(proc, train)
             planner = Planner(space, backbone, budget, model.config.text_config, n_text)
 
@@ -272,16 +272,17 @@ def _document(a, argv, budgets, seeds, rows, base, none, check, n_test, total_s,
     begin, end = markers(a.preset)
     title = "## Does the gradient phase find the plan?" + (f" With `search={a.preset}`" if a.preset else "")
     what = f"Search settings (`search={a.preset}`)" if a.preset else "Search defaults"
-    steps = (f"{next(iter(steps_at.values()))}" if len(set(steps_at.values())) == 1 else
-             ", ".join(f"{n} at budget {b:g}" for b, n in steps_at.items()) + " (`search.scale_steps`)")
+    steps = (f"{next(iter(steps_at.values()))[0]} steps of {settings.plans_per_step} plans on "
+             f"{next(iter(steps_at.values()))[1]} questions" if len(set(steps_at.values())) == 1 else
+             ", ".join(f"{n} steps on {q} questions at budget {b:g}" for b, (n, q) in steps_at.items())
+             + f" (`search.scale_steps`, `search.scale_batch`), {settings.plans_per_step} plans per step")
     out = [begin, "", title, "",
            f"Made by `{cmd.strip()}` on this machine (2 CPU cores): this run took {total_s / 60:.0f} min, measured "
            f"{CACHE['runs']} pieces and read {CACHE['hits']} from `--work` (measured there by earlier runs of the same "
            f"procedure). {a.note + ' ' if a.note else ''}The toy backbone, "
            f"the whole test split ({n_test} questions), budgets {', '.join(f'{b:g}' for b in budgets)}, search seeds "
            f"{', '.join(map(str, seeds))}; mean ± spread (population std) over seeds. {what}: "
-           f"{steps} steps of {settings.plans_per_step} plans on {settings.batch_size} questions, "
-           f"loss `{settings.loss}`. One standard error of an accuracy here is about {se:.2f} points. "
+           f"{steps}, loss `{settings.loss}`. One standard error of an accuracy here is about {se:.2f} points. "
            "\"question-forwards\": reduced forwards of one question each method spent choosing its plan; "
            "\"s\": its wall time (loading and the test-split evaluation excluded).", ""]
     for budget in budgets:

@@ -18,7 +18,8 @@ from diffopsearch.errors import UserError
 from diffopsearch.search import search_plan
 from diffopsearch.search.checkpoint import CKPT_DIR
 from diffopsearch.search.loop import (LOG_NAME, SearchSettings, leave_one_out, plan_losses, plan_reward,
-                                      policy_objective, question_reward, reference_logprobs, scaled_steps)
+                                      policy_objective, question_reward, reference_logprobs, scaled_batch,
+                                      scaled_steps)
 from diffopsearch.search.policy import ArchState, Knobs, Policy
 from diffopsearch.search.space import OPS, Choice, Planner, SearchSpace, corner_choices, make_space
 
@@ -216,6 +217,18 @@ def test_steps_scale_below_budget_0_6_and_a_preset_can_turn_it_off():
     assert settings_from(compose("search", ["budget=0.4"])).steps == 120
     assert settings_from(compose("search", ["budget=0.4", "search.scale_steps=false"])).steps == 80
     assert settings_from(compose("search", ["budget=0.25", "search=thorough"])).steps == 150  # what it measured
+
+
+def test_questions_per_step_double_below_budget_0_3_and_a_preset_can_turn_it_off():
+    from diffopsearch.commands.search import settings_from
+    from diffopsearch.config import compose
+
+    assert [scaled_batch(8, b) for b in (1.0, 0.6, 0.4, 0.3, 0.25, 0.05)] == [8, 8, 8, 8, 16, 16]
+    assert scaled_batch(8, 0.25, scale=False) == 8
+    assert settings_from(compose("search", ["budget=0.25"])).batch_size == 16
+    assert settings_from(compose("search", ["budget=0.4"])).batch_size == 8
+    assert settings_from(compose("search", ["budget=0.25", "search.scale_batch=false"])).batch_size == 8
+    assert settings_from(compose("search", ["budget=0.25", "search=thorough"])).batch_size == 16  # what it measured
 
 
 def test_search_gives_a_plan_under_budget_deterministic_for_a_seed(tmp_path, tiny4, train):

@@ -272,10 +272,13 @@ def _document(a, argv, budgets, seeds, rows, base, none, check, n_test, total_s,
     begin, end = markers(a.preset)
     title = "## Does the gradient phase find the plan?" + (f" With `search={a.preset}`" if a.preset else "")
     what = f"Search settings (`search={a.preset}`)" if a.preset else "Search defaults"
-    steps = (f"{next(iter(steps_at.values()))[0]} steps of {settings.plans_per_step} plans on "
-             f"{next(iter(steps_at.values()))[1]} questions" if len(set(steps_at.values())) == 1 else
-             ", ".join(f"{n} steps on {q} questions at budget {b:g}" for b, (n, q) in steps_at.items())
-             + f" (`search.scale_steps`, `search.scale_batch`), {settings.plans_per_step} plans per step")
+    shapes = set(steps_at.values())  # (steps, questions per step) per budget
+    if len(shapes) == 1:
+        (n, q), = shapes
+        steps = f"{n} steps of {settings.plans_per_step} plans on {q} questions"
+    else:
+        steps = (", ".join(f"{n} steps on {q} questions at budget {b:g}" for b, (n, q) in steps_at.items())
+                 + f" (`search.scale_steps`, `search.scale_batch`), {settings.plans_per_step} plans per step")
     out = [begin, "", title, "",
            f"Made by `{cmd.strip()}` on this machine (2 CPU cores): this run took {total_s / 60:.0f} min, measured "
            f"{CACHE['runs']} pieces and read {CACHE['hits']} from `--work` (measured there by earlier runs of the same "

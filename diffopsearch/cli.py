@@ -419,5 +419,13 @@ def main(argv: Optional[list] = None) -> int:
     return code
 
 
+def console_main():
+    """The `diffopsearch` console script and `python -m diffopsearch`: :func:`main`, then exit with its code
+    (see :func:`diffopsearch.runtime.exit_process` for how a multi-process run's ranks exit)."""
+    from .runtime import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()

@@ -49,6 +49,24 @@ class Procs:
         if self.world > 1:
             self.acc.wait_for_everyone()
 
+    def main_first(self, load):
+        """``load()`` on the main process, then on the others: processes that build the same `datasets`
+        cache at once race on it, so the main one builds it and the others read it. If the main process fails, the others stop too instead of waiting for it."""
+        if self.world == 1:
+            return load()
+        out = None
+        if self.is_main:
+            try:
+                out = load()
+            except BaseException:
+                self.broadcast(True)
+                raise
+        if self.broadcast(False):  # the main process's flag; also the barrier the others wait at
+            from .errors import UserError
+
+            raise UserError("the main process could not load the data (its error says why); this process stops too.")
+        return out if self.is_main else load()
+
 
 def device_of(model):
     """The device a model (or a wrapper exposing ``.device``) runs on."""
@@ -80,18 +98,44 @@ def to_device(inputs: dict, device, dtype) -> dict:
     return out
 
 
-def close_process_group() -> None:
-    """Tear down the torch.distributed process group a multi-process run set up (a no-op otherwise).
-    Exiting with gloo's threads still alive can abort a process ("terminate called without an active
-    exception"), which the launcher reports as a failed run; torch asks for this call before exit."""
+_CLOSED_A_GROUP = False
+
+
+def close_process_group() -> bool:
+    """Tear down the torch.distributed process group a multi-process run set up (a no-op otherwise);
+    True if there was one. torch asks for this call before exit."""
+    global _CLOSED_A_GROUP
     import sys
 
     if "torch.distributed" not in sys.modules:  # nothing was set up: do not import torch for it
-        return
+        return False
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _CLOSED_A_GROUP = True
+        return True
+    return False
+
+
+def exit_process(code: int):
+    """Exit with ``code``; after a multi-process run, without the interpreter's finalization. gloo's run-loop
+    threads can still be releasing the last collective's tensors then (destroy_process_group does not
+    always stop them: something inside torch keeps the group alive), and a thread that needs the GIL during
+    finalization aborts the whole process ("terminate called without an active exception", SIGABRT;
+    pytorch/pytorch#179291), which the launcher reports as a failed run. Everything is written by now:
+    streams and logging are flushed first."""
+    import os
+    import sys
+
+    if close_process_group() or _CLOSED_A_GROUP:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def make_accelerator(device: str = "auto"):

@@ -280,6 +280,24 @@ def test_the_cli_tears_down_a_process_group_before_it_exits(tmp_path):
             dist.destroy_process_group()
 
 
+def test_exit_process_exits_with_the_code_and_skips_finalization_only_after_a_process_group(tmp_path):
+    """A rank of a multi-process run leaves with os._exit after its group is closed (gloo's threads can abort
+    the interpreter's finalization); its printed output still arrives. A plain run exits normally."""
+    def run(group: bool):  # in a child: os._exit would end this test process
+        script = ("import atexit, torch.distributed as dist\n"
+                  "from diffopsearch.runtime import exit_process\n"
+                  "atexit.register(lambda: print(' finalized', end=''))\n")
+        if group:
+            script += f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        script += "print('answered', end='')\nexit_process(5)\n"
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 5, out.stderr[-2000:]
+        return out.stdout
+
+    assert run(group=False) == "answered finalized"
+    assert run(group=True) == "answered"
+
+
 def test_launch_accelerate_really_relaunches_with_two_processes(tmp_path, assets):
     """No mock: `eval launch.accelerate=true launch.num_processes=2` re-runs itself under `accelerate launch`
     (two CPU processes, gloo; a free port through accelerate's own default is not guaranteed, so one is

@@ -351,11 +351,11 @@ sys.path[:0] = [{root!r}, {tests!r}]
 import fixtures as fx
 from diffopsearch.data.datasets import load_qa
 from diffopsearch.evaluate import evaluate
-from diffopsearch.runtime import make_accelerator
+from diffopsearch.runtime import Procs, exit_process, make_accelerator
 
 acc = make_accelerator("auto")  # what `diffopsearch eval` uses
 model, proc = fx.tiny_model()
-ds = load_qa("gqa", sys.argv[1])
+ds = Procs(acc).main_first(lambda: load_qa("gqa", sys.argv[1]))  # as `diffopsearch eval` does
 r = evaluate(model, proc, None, ds, batch_size=int(sys.argv[3]), max_new_tokens=1, accelerator=acc,
              out_dir=sys.argv[2], show=False, latency_batches=1)
 # one file per process: the processes' stdout lines can interleave in the launcher's pipe
@@ -363,6 +363,7 @@ with open(sys.argv[2] + f".rank{{acc.process_index}}.json", "w") as f:
     json.dump({{"result": {{"n": r["n"], "accuracy": r["accuracy"], "errors": r["image_errors"]["count"],
                          "processes": r["throughput"]["processes"]}},
                "share": sorted(ds.image_errors)}}, f)  # share: this process's own image failures
+exit_process(0)  # as the CLI does
 """
 
 
@@ -405,3 +406,40 @@ def test_two_processes_give_the_same_n_and_accuracy(tmp_path, tiny):
     assert (two["n"], two["accuracy"]) == (one["n"], one["accuracy"])
     assert _answers(tmp_path / "two") == _answers(tmp_path / "one")
     assert (tmp_path / "two" / ev.RESULTS_NAME).exists()
+
+
+class _TwoProcs:
+    """A rank of a two-process run whose broadcasts return the main process's value (``main_says``)."""
+
+    def __new__(cls, rank, main_says=None):
+        from diffopsearch.runtime import Procs
+
+        class P(Procs):
+            def broadcast(self, obj):
+                self.sent.append(obj)
+                return obj if self.is_main else main_says
+
+        p = P(None)
+        p.world, p.rank, p.is_main, p.sent = 2, rank, rank == 0, []
+        return p
+
+
+def test_main_first_loads_on_the_main_process_then_stops_the_others_if_it_failed():
+    """Two processes building one `datasets` cache at once race on it (a rank then aborted at exit in CI):
+    the main process loads first; if it fails, the others raise instead of waiting for it."""
+    calls = []
+    main = _TwoProcs(0)
+    assert main.main_first(lambda: calls.append("main") or "data") == "data" and main.sent == [False]
+    assert _TwoProcs(1, main_says=False).main_first(lambda: calls.append("other") or "data") == "data"
+    assert calls == ["main", "other"]
+
+    def bad():
+        raise UserError("dataset.path 'nowhere' does not exist")
+
+    main = _TwoProcs(0)
+    with pytest.raises(UserError, match="nowhere"):
+        main.main_first(bad)
+    assert main.sent == [True]  # the others are told before the main process raises
+    with pytest.raises(UserError, match="main process could not load"):
+        _TwoProcs(1, main_says=True).main_first(lambda: calls.append("never"))
+    assert "never" not in calls

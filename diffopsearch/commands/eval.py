@@ -16,7 +16,7 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     from ..backbone.load import load_backbone
     from ..data.datasets import load_from_config
     from ..evaluate import evaluate, mean_prompt_text_tokens, plan_source, resolve_plan
-    from ..runtime import make_accelerator
+    from ..runtime import Procs, make_accelerator
 
     cfg = complete(cfg, "eval")
     validate(cfg)
@@ -32,7 +32,7 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     accelerator = accelerator or make_accelerator(cfg.model.device)
     multi = accelerator.num_processes > 1
     # The data first: a bad path or column fails in seconds, before a 7B model is loaded.
-    dataset = load_from_config(cfg.dataset, limit=cfg.limit)
+    dataset = Procs(accelerator).main_first(lambda: load_from_config(cfg.dataset, limit=cfg.limit))
     model, processor = load_backbone(cfg.model, device=accelerator.device if multi else None)
     n_text = mean_prompt_text_tokens(processor, dataset)
     latency = latency_for(cfg, model, processor, dataset, n_text, accelerator) if not cfg.ckpt else None

@@ -30,7 +30,7 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     from ..backbone.load import load_backbone
     from ..data.datasets import load_from_config, splits_overlap
     from ..evaluate import evaluate, mean_prompt_text_tokens
-    from ..runtime import make_accelerator
+    from ..runtime import Procs, make_accelerator
     from ..search import hold_out, search_plan
     from ..search.space import make_space
 
@@ -43,8 +43,9 @@ def run(cfg, out_dir=None, accelerator=None) -> dict:
     is_main = accelerator.process_index == 0
     torch.manual_seed(int(cfg.seed))
     # The data first: a bad path or column fails in seconds, before a large model is loaded.
-    train = load_from_config(ds, split=ds.search_split, limit=s.train_limit, search=True)
-    evalset = load_from_config(ds, limit=cfg.limit)
+    train, evalset = Procs(accelerator).main_first(lambda: (
+        load_from_config(ds, split=ds.search_split, limit=s.train_limit, search=True),
+        load_from_config(ds, limit=cfg.limit)))
     if splits_overlap(train.split, evalset.split) and train.path == evalset.path and \
             (ds.search_questions_config or ds.questions_config) == ds.questions_config:
         raise UserError(f"dataset.search_split={train.split!r} overlaps the evaluation split "

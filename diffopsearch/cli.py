@@ -221,6 +221,10 @@ def _run_task(command: str, cfg: DictConfig) -> Any:
     start = time.monotonic()
     try:
         _config.validate(cfg)
+        low = _config.for_budget(cfg, overrides, command)  # below budget 0.3 the default preset is thorough
+        if low is not cfg:
+            cfg = low
+            _config.validate(cfg)
         if command in _LOADS_MODELS and not _hydra_verbose():
             console.quiet_libraries()
         if _should_relaunch(cfg):

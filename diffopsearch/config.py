@@ -74,14 +74,16 @@ class PlanConfig:
 @dataclass
 class SearchConfig:
     """The search (search/loop.py; docs/DESIGN.md section 3). Defaults sized for the toy backbone on 2 CPU
-    cores (the 3-minute default command); ``search=thorough`` is the longer preset for GPUs."""
+    cores (the 3-minute default command); ``search=thorough`` is the longer preset for GPUs. Below budget
+    0.3 the default preset runs as ``low_budget_preset`` (:func:`for_budget`)."""
 
+    preset: str = "default"  # the preset these values come from (conf/search/NAME.yaml; recorded in plan.json)
+    low_budget_preset: Optional[str] = "thorough"  # below budget 0.3, `search=default` runs as this preset, the
+    # user's own search.* overrides on top (null: never); docs/DESIGN.md section 3, "Presets"
     steps: int = 80  # at budgets >= 0.6; below, scale_steps raises it (search/loop.py, scaled_steps)
     scale_steps: bool = True  # below budget 0.6, run 0.6 / budget times the steps (at most 3x): a step there is
     # cheaper (shorter sequences) and its decisions finer, so the command's time stays about the same
-    batch_size: int = 8  # questions per step, shared by the step's plans; below budget 0.3, scale_batch doubles it
-    scale_batch: bool = True  # (search/loop.py, scaled_batch): there the first site's choice is closer than 8
-    # questions' noise
+    batch_size: int = 8  # questions per step, shared by the step's plans
     plans_per_step: int = 8  # hard plans drawn from the policy per step (leave-one-out baseline)
     knob_plans: int = 2  # the step's best plans whose loss is backpropagated into the knobs
     lr: float = 0.15  # policy logits (Adam)
@@ -279,6 +281,8 @@ def validate(cfg: DictConfig) -> None:
         _at_least("search.screen_questions", s.screen_questions, 1, allow_none=True)
         _at_least("search.select_finalists", s.select_finalists, 1)
         _at_least("search.select_margin", s.select_margin, 0)
+        if s.low_budget_preset is not None:
+            _choice("search.low_budget_preset", s.low_budget_preset, SEARCH_PRESETS)
         for key in ("lr", "knob_lr"):
             if not (math.isfinite(s[key]) and s[key] > 0):
                 raise UserError(f"search.{key}={s[key]!r} is not valid: a learning rate must be a finite number > 0.")
@@ -313,15 +317,36 @@ def compose(app: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The configuration `diffopsearch <app> <overrides>` would run with (no `hydra` node).
 
     For the Python API and tests; works inside and outside a running Hydra app."""
+    _choice("command", app, APPS)
+    return for_budget(_compose(app, overrides), overrides, app)
+
+
+def _compose(app: str, overrides: Sequence[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    _choice("command", app, APPS)
     if GlobalHydra.instance().is_initialized():
         return hydra_compose(config_name=app, overrides=list(overrides))
     with initialize_config_module(config_module="diffopsearch.conf", version_base="1.3"):
         return hydra_compose(config_name=app, overrides=list(overrides))
+
+
+LOW_BUDGET = 0.3
+SEARCH_PRESETS = ("default", "thorough")  # conf/search/*.yaml
+
+
+def for_budget(cfg: DictConfig, overrides: Sequence[str], app: str = "search") -> DictConfig:
+    """The configuration a job runs with: ``cfg`` (composed from ``overrides``), except that below budget 0.3
+    ``search=default`` is recomposed as ``search=<search.low_budget_preset>`` with the same overrides, so the
+    user's own ``search.*`` values still win. At 0.25 the default's loop shape (8 plans on 16 questions)
+    took as long as thorough's (12 on 16, 150 steps: once the policy concentrates its draws repeat plans)
+    and its plans scored lower on a fresh 9878-question sample of the world (docs/DESIGN.md section 3)."""
+    s = cfg.get("search") if OmegaConf.is_config(cfg) else None
+    if s is None or s.preset != "default" or not s.low_budget_preset or float(cfg.budget) >= LOW_BUDGET:
+        return cfg
+    _choice("search.low_budget_preset", s.low_budget_preset, SEARCH_PRESETS)
+    return _compose(app, [*overrides, f"search={s.low_budget_preset}"])
 
 
 def complete(cfg, app: str):

@@ -156,6 +156,9 @@ def card(plan, plan_file: Path, results: dict | None = None, note: str | None = 
         s = {**plan.search, **{k: v for k, v in (plan.run or {}).items() if k == "seconds"}}
         bits = [f"{k} {s[k]:.4g}" if isinstance(s.get(k), float) else f"{k} {s[k]}"
                 for k in ("steps", "final_loss", "seconds", "seed") if s.get(k) is not None]
+        preset = ((s.get("config") or {}).get("search") or {}).get("preset")
+        if preset:  # below budget 0.3 the default preset runs as thorough (config.for_budget)
+            bits.insert(0, f"preset {preset}")
         sel = s.get("selection")
         if sel:
             chosen = sel["candidates"][sel["chosen"]]["origin"]

@@ -117,8 +117,6 @@ def main(argv=None) -> int:
     n_visual, grid = visual_token_count(model.config)
     n_text_test = mean_prompt_text_tokens(proc, test)
     backbone = backbone_info(model.config, name="toy")
-    s = cfg0.search
-    screen, finalists, n_held = int(s.screen_questions), int(s.select_finalists), int(s.select_questions)
 
     def test_score(plan):
         key = "test-" + (plan_key(plan) if plan is not None else "none") + f"-{len(test)}"
@@ -133,10 +131,13 @@ def main(argv=None) -> int:
             tag = f"b{budget}-s{seed}"
             cfg = compose("search", preset + [f"budget={budget}", f"seed={seed}"] + [f"search.{kv}" for kv in a.search])
             train = load_qa("toy", None, "train", None, None, None)
+            # the selection's sizes per budget too: below 0.3 the default runs search=thorough's (config.for_budget)
+            s = cfg.search
+            screen, finalists, n_held = int(s.screen_questions), int(s.select_finalists), int(s.select_questions)
             train, held = hold_out(train, n_held, seed)
             space = make_space(model.config)
             settings = settings_from(cfg)
-            steps_at[budget] = (settings.steps, settings.batch_size)
+            steps_at[budget] = (settings.steps, settings.plans_per_step, settings.batch_size, s.preset)
             n_text = mean_prompt_text_tokens(proc, train)
             planner = Planner(space, backbone, budget, model.config.text_config, n_text)
 
@@ -272,13 +273,14 @@ def _document(a, argv, budgets, seeds, rows, base, none, check, n_test, total_s,
     begin, end = markers(a.preset)
     title = "## Does the gradient phase find the plan?" + (f" With `search={a.preset}`" if a.preset else "")
     what = f"Search settings (`search={a.preset}`)" if a.preset else "Search defaults"
-    shapes = set(steps_at.values())  # (steps, questions per step) per budget
+    shapes = set(steps_at.values())  # (steps, plans per step, questions per step, preset) per budget
     if len(shapes) == 1:
-        (n, q), = shapes
-        steps = f"{n} steps of {settings.plans_per_step} plans on {q} questions"
+        (n, k, q, _), = shapes
+        steps = f"{n} steps of {k} plans on {q} questions"
     else:
-        steps = (", ".join(f"{n} steps on {q} questions at budget {b:g}" for b, (n, q) in steps_at.items())
-                 + f" (`search.scale_steps`, `search.scale_batch`), {settings.plans_per_step} plans per step")
+        steps = ", ".join(f"{n} steps of {k} plans on {q} questions at budget {b:g}"
+                          + (f" (`search={p}`, what the default runs below budget 0.3)" if p != "default" else "")
+                          for b, (n, k, q, p) in steps_at.items()) + "; below 0.6 the steps scale (`search.scale_steps`)"
     out = [begin, "", title, "",
            f"Made by `{cmd.strip()}` on this machine (2 CPU cores): this run took {total_s / 60:.0f} min, measured "
            f"{CACHE['runs']} pieces and read {CACHE['hits']} from `--work` (measured there by earlier runs of the same "

@@ -87,6 +87,18 @@ def test_run_calls_the_body_with_the_config_in_hydra_run_dir(capsys, bodies, tmp
     assert (out_dir / ".hydra" / "config.yaml").exists()  # Hydra's own record of the run
 
 
+def test_below_budget_0_3_a_search_job_runs_the_thorough_preset_in_a_sweep_too(capsys, bodies, tmp_path):
+    """The switch is made per job (a sweep's budgets differ) and keeps the user's search.* overrides."""
+    code, _, err = run_cli(capsys, "search", "-m", "budget=0.6,0.25", "search.select_margin=2",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert code == 0, err
+    jobs = {cfg.budget: cfg.search for _, cfg in bodies.calls}
+    assert jobs[0.6].preset == "default" and jobs[0.6].plans_per_step == 8
+    assert jobs[0.25].preset == "thorough" and jobs[0.25].plans_per_step == 12 and jobs[0.25].steps == 150
+    assert jobs[0.6].select_margin == jobs[0.25].select_margin == 2
+    assert sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/results.json")) == ["0", "1"]
+
+
 def test_default_run_dir_is_under_outputs_of_the_cwd(capsys, bodies, tmp_path):
     code, _, _ = run_cli(capsys, "eval")
     assert code == 0

@@ -297,7 +297,7 @@ def test_the_wheel_ships_every_config(tmp_path):
                 assert f"diffopsearch/{p.relative_to(REPO / 'diffopsearch')}" in names
     entry = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry[0]).decode()
-    assert "diffopsearch = diffopsearch.cli:main" in text
+    assert "diffopsearch = diffopsearch.cli:console_main" in text
 
 
 def test_ci_runs_the_readmes_test_command():

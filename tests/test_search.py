@@ -18,8 +18,7 @@ from diffopsearch.errors import UserError
 from diffopsearch.search import search_plan
 from diffopsearch.search.checkpoint import CKPT_DIR
 from diffopsearch.search.loop import (LOG_NAME, SearchSettings, leave_one_out, plan_losses, plan_reward,
-                                      policy_objective, question_reward, reference_logprobs, scaled_batch,
-                                      scaled_steps)
+                                      policy_objective, question_reward, reference_logprobs, scaled_steps)
 from diffopsearch.search.policy import ArchState, Knobs, Policy
 from diffopsearch.search.space import OPS, Choice, Planner, SearchSpace, corner_choices, make_space
 
@@ -219,16 +218,21 @@ def test_steps_scale_below_budget_0_6_and_a_preset_can_turn_it_off():
     assert settings_from(compose("search", ["budget=0.25", "search=thorough"])).steps == 150  # what it measured
 
 
-def test_questions_per_step_double_below_budget_0_3_and_a_preset_can_turn_it_off():
+def test_below_budget_0_3_the_default_preset_runs_as_thorough_with_the_users_overrides_on_top():
     from diffopsearch.commands.search import settings_from
     from diffopsearch.config import compose
 
-    assert [scaled_batch(8, b) for b in (1.0, 0.6, 0.4, 0.3, 0.25, 0.05)] == [8, 8, 8, 8, 16, 16]
-    assert scaled_batch(8, 0.25, scale=False) == 8
-    assert settings_from(compose("search", ["budget=0.25"])).batch_size == 16
-    assert settings_from(compose("search", ["budget=0.4"])).batch_size == 8
-    assert settings_from(compose("search", ["budget=0.25", "search.scale_batch=false"])).batch_size == 8
-    assert settings_from(compose("search", ["budget=0.25", "search=thorough"])).batch_size == 16  # what it measured
+    def shape(*overrides):
+        cfg = compose("search", list(overrides))
+        st = settings_from(cfg)
+        return cfg.search.preset, st.steps, st.batch_size, st.plans_per_step, cfg.search.select_questions
+
+    thorough = ("thorough", 150, 16, 12, 512)  # exactly the settings BENCHMARKS.md measured for the preset
+    assert shape("budget=0.25") == shape("budget=0.25", "search=thorough") == thorough
+    assert shape("budget=0.25", "search.steps=100") == ("thorough", 100, 16, 12, 512)  # the user's value wins
+    assert shape("budget=0.25", "search.low_budget_preset=null") == ("default", 192, 8, 8, 384)
+    assert shape("budget=0.3") == ("default", 160, 8, 8, 384)
+    assert shape("budget=0.4", "search=thorough") == ("thorough", 150, 16, 12, 512)
 
 
 def test_search_gives_a_plan_under_budget_deterministic_for_a_seed(tmp_path, tiny4, train):

@@ -114,7 +114,8 @@ def test_show_a_searched_hybrid_plan_file(capsys, tmp_path, text_config):
     sites = [Site(layer=1, keep=100, score="attn", merge=0.5, sharpness=3.0, locality=1.0, reweight=0.25),
              Site(layer=4, keep=36, score="none", anchors="bipartite", merge=1.0, reweight=1.0)]
     plan = Plan(sites=sites, backbone={"name": "toy", "num_layers": 8, "visual_tokens": 144, "grid": [12, 12]},
-                budget=0.6, method="search", search={"steps": 120, "final_loss": 0.4321, "seed": 0})
+                budget=0.6, method="search", search={"steps": 120, "final_loss": 0.4321, "seed": 0,
+                                                      "config": {"search": {"preset": "thorough"}}})
     with pytest.raises(UserError):
         plan.validate()  # ToMe merges at most half of what reaches it (100 -> 50)
     sites[1] = Site(layer=4, keep=60, score="none", anchors="bipartite", merge=1.0, reweight=1.0)
@@ -123,7 +124,7 @@ def test_show_a_searched_hybrid_plan_file(capsys, tmp_path, text_config):
     assert code == 0, err
     assert "before layer 1: keeps 100 of 144 visual tokens (69%), hybrid" in out
     assert "before layer 4: keeps 60 of 100 visual tokens (60%), tome" in out
-    assert "searched: steps 120, final_loss 0.4321, seed 0" in out
+    assert "searched: preset thorough, steps 120, final_loss 0.4321, seed 0" in out
     assert "FLOPs ratio not recorded in the plan" in out
     assert "no results.json beside plan.json" in out
     assert [chart(out)[k].split("│")[1].strip() for k in range(8)] == ["144", "100", "100", "100", "60", "60", "60", "60"]

@@ -15,12 +15,11 @@ BASELINES_DIR = "baselines"
 
 def settings_from(cfg):
     """The loop's settings from a search job config (its ``search`` group, ``budget``, ``seed``)."""
-    from ..search.loop import SearchSettings, scaled_batch, scaled_steps
+    from ..search.loop import SearchSettings, scaled_steps
 
     cfg = complete(cfg, "search")
     kw = {k: cfg.search[k] for k in SearchSettings.__dataclass_fields__ if k not in ("budget", "seed")}
     kw["steps"] = scaled_steps(cfg.search.steps, float(cfg.budget), bool(cfg.search.scale_steps))
-    kw["batch_size"] = scaled_batch(cfg.search.batch_size, float(cfg.budget), bool(cfg.search.scale_batch))
     return SearchSettings(budget=float(cfg.budget), seed=int(cfg.seed), **kw)
 
 

@@ -97,7 +97,6 @@ class SearchSettings:
 
 
 STEP_SCALE_BUDGET, STEP_SCALE_MAX = 0.6, 3.0
-BATCH_SCALE_BUDGET, BATCH_SCALE = 0.3, 2
 
 
 def scaled_steps(steps: int, budget: float, scale: bool = True) -> int:
@@ -108,16 +107,6 @@ def scaled_steps(steps: int, budget: float, scale: bool = True) -> int:
     if not scale or budget >= STEP_SCALE_BUDGET:
         return int(steps)
     return int(round(steps * min(STEP_SCALE_MAX, STEP_SCALE_BUDGET / budget)))
-
-
-def scaled_batch(batch_size: int, budget: float, scale: bool = True) -> int:
-    """The questions per step: ``batch_size``, twice as many below budget 0.3. There the first site's two
-    best regimes (a prune or a merge before layer 0) differ by less than a step's noise on 8 questions, and
-    16 settled all three validation seeds on the better one; at 0.4, where the choice is not that close,
-    16 questions per step did worse than 8 (docs/DESIGN.md section 3, "Presets")."""
-    if not scale or budget >= BATCH_SCALE_BUDGET:
-        return int(batch_size)
-    return int(batch_size) * BATCH_SCALE
 
 
 def auto_checkpoint(space: SearchSpace, device: torch.device) -> bool:

@@ -51,7 +51,8 @@ class Procs:
 
     def main_first(self, load):
         """``load()`` on the main process, then on the others: processes that build the same `datasets`
-        cache at once race on it, so the main one builds it and the others read it. If the main process fails, the others stop too instead of waiting for it."""
+        cache at once race on it, so the main one builds it and the others read it. If the main process
+        fails, the others stop too instead of waiting for it."""
         if self.world == 1:
             return load()
         out = None

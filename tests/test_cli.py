@@ -300,7 +300,8 @@ def test_exit_process_exits_with_the_code_and_skips_finalization_only_after_a_pr
                   "from diffopsearch.runtime import exit_process\n"
                   "atexit.register(lambda: print(' finalized', end=''))\n")
         if group:
-            script += f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+            store = f"file://{tmp_path / 'store'}"
+            script += f"dist.init_process_group('gloo', init_method={store!r}, rank=0, world_size=1)\n"
         script += "print('answered', end='')\nexit_process(5)\n"
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert out.returncode == 5, out.stderr[-2000:]

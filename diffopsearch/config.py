@@ -339,9 +339,9 @@ SEARCH_PRESETS = ("default", "thorough")  # conf/search/*.yaml
 def for_budget(cfg: DictConfig, overrides: Sequence[str], app: str = "search") -> DictConfig:
     """The configuration a job runs with: ``cfg`` (composed from ``overrides``), except that below budget 0.3
     ``search=default`` is recomposed as ``search=<search.low_budget_preset>`` with the same overrides, so the
-    user's own ``search.*`` values still win. At 0.25 the default's loop shape (8 plans on 16 questions)
-    took as long as thorough's (12 on 16, 150 steps: once the policy concentrates its draws repeat plans)
-    and its plans scored lower on a fresh 9878-question sample of the world (docs/DESIGN.md section 3)."""
+    user's own ``search.*`` values still win. At 0.25 thorough's loop (150 steps of 12 plans on 16 questions)
+    took as long as the default's own (once the policy concentrates its draws repeat plans, which run once)
+    and its plans scored higher on a fresh 9878-question sample of the world (docs/DESIGN.md section 3)."""
     s = cfg.get("search") if OmegaConf.is_config(cfg) else None
     if s is None or s.preset != "default" or not s.low_budget_preset or float(cfg.budget) >= LOW_BUDGET:
         return cfg

@@ -280,7 +280,8 @@ def _document(a, argv, budgets, seeds, rows, base, none, check, n_test, total_s,
     else:
         steps = ", ".join(f"{n} steps of {k} plans on {q} questions at budget {b:g}"
                           + (f" (`search={p}`, what the default runs below budget 0.3)" if p != "default" else "")
-                          for b, (n, k, q, p) in steps_at.items()) + "; below 0.6 the steps scale (`search.scale_steps`)"
+                          for b, (n, k, q, p) in steps_at.items())
+        steps += "; below 0.6 the steps scale (`search.scale_steps`)"
     out = [begin, "", title, "",
            f"Made by `{cmd.strip()}` on this machine (2 CPU cores): this run took {total_s / 60:.0f} min, measured "
            f"{CACHE['runs']} pieces and read {CACHE['hits']} from `--work` (measured there by earlier runs of the same "

@@ -14,6 +14,7 @@ from diffopsearch import evaluate as ev
 from diffopsearch.commands import eval as eval_cmd
 from diffopsearch.data.datasets import load_qa
 from diffopsearch.errors import UserError
+from diffopsearch.runtime import Procs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -408,20 +409,17 @@ def test_two_processes_give_the_same_n_and_accuracy(tmp_path, tiny):
     assert (tmp_path / "two" / ev.RESULTS_NAME).exists()
 
 
-class _TwoProcs:
+class _TwoProcs(Procs):
     """A rank of a two-process run whose broadcasts return the main process's value (``main_says``)."""
 
-    def __new__(cls, rank, main_says=None):
-        from diffopsearch.runtime import Procs
+    def __init__(self, rank, main_says=None):
+        super().__init__(None)
+        self.world, self.rank, self.is_main = 2, rank, rank == 0
+        self.main_says, self.sent = main_says, []
 
-        class P(Procs):
-            def broadcast(self, obj):
-                self.sent.append(obj)
-                return obj if self.is_main else main_says
-
-        p = P(None)
-        p.world, p.rank, p.is_main, p.sent = 2, rank, rank == 0, []
-        return p
+    def broadcast(self, obj):
+        self.sent.append(obj)
+        return obj if self.is_main else self.main_says
 
 
 def test_main_first_loads_on_the_main_process_then_stops_the_others_if_it_failed():
